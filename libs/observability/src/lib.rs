@@ -1,0 +1,35 @@
+//! What every Stackline service needs to be operable, wired the same way in each:
+//!
+//! - [`telemetry`]: JSON (bunyan) logs on stdout, level from `RUST_LOG`.
+//! - [`middleware::Observe`]: one actix middleware that assigns the request id, opens the
+//!   request's root span, records the HTTP metrics and writes one access-log line.
+//! - [`request_id`]: the [`RequestId`] extractor and the headers to propagate downstream.
+//! - [`metrics`]: the Prometheus recorder, process metrics and the `/metrics` handler.
+//! - [`health`]: the [`HealthCheck`] trait, the registry behind `/health` and `/ready`.
+//! - [`shutdown`]: SIGTERM/SIGINT -> not ready -> drain delay -> graceful stop.
+//! - [`settings`]: layered configuration with one-line errors.
+//! - [`server`]: the HTTP server tuning every service shares.
+//!
+//! `examples/demo.rs` shows the whole wiring.
+
+pub mod health;
+pub mod metrics;
+pub mod middleware;
+pub mod request_id;
+pub mod server;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use health::{HealthCheck, HealthRegistry};
+pub use middleware::Observe;
+pub use request_id::RequestId;
+
+/// Who is speaking: stamped on every log line and on `app_build_info`.
+#[derive(Clone, Debug)]
+pub struct ServiceInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    /// The deployment environment (`APP_ENV`): `local`, `test`, `production`, ...
+    pub environment: String,
+}

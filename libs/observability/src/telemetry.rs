@@ -1,0 +1,227 @@
+//! JSON logging: one bunyan object per line, carrying the service, version and environment,
+//! the level, the message and the fields of every enclosing span.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use tracing::{Event, Subscriber};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use tracing_bunyan_formatter::{BunyanFormattingLayer, JsonStorageLayer};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::ServiceInfo;
+
+/// Target of the per-request root span. It is always enabled, whatever `RUST_LOG` says, so
+/// that its fields (`request_id` first of all) reach every line logged while serving a
+/// request, even a WARN line when the level is WARN.
+pub const REQUEST_SPAN_TARGET: &str = "http_request";
+/// Target of the one access-log line written per request; it follows `RUST_LOG`.
+pub const ACCESS_LOG_TARGET: &str = "access_log";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Filter used when `RUST_LOG` is unset, in `EnvFilter` syntax (`info`, `warn,sqlx=error`).
+    pub level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoggingError {
+    #[error("invalid log filter {filter:?} (from {source_name}): {reason}")]
+    InvalidFilter { filter: String, source_name: &'static str, reason: String },
+}
+
+/// Keeps the background log writer alive; dropping it flushes what is still queued.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard {
+    _writer: Option<WorkerGuard>,
+}
+
+/// Logs to stdout through a background writer thread, so a slow terminal or pipe never
+/// blocks a request. Lines are never dropped: when the queue is full, callers wait.
+pub fn init_stdout(service: &ServiceInfo, settings: &LogSettings) -> Result<LogGuard, LoggingError> {
+    let (writer, guard) = NonBlockingBuilder::default().lossy(false).thread_name("log-writer").finish(io::stdout());
+    let installed = init(service, settings, writer)?;
+    // If logging was already set up, this writer is unused: let its thread go.
+    Ok(LogGuard { _writer: installed.then_some(guard) })
+}
+
+/// Installs the global subscriber writing to `writer`. Returns `false` (and changes nothing)
+/// when a subscriber is already installed, so repeated calls, as in tests, are harmless.
+pub fn init<W>(service: &ServiceInfo, settings: &LogSettings, writer: W) -> Result<bool, LoggingError>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = build_filter(std::env::var("RUST_LOG").ok(), &settings.level)?;
+    Ok(subscriber(service, filter, writer).try_init().is_ok())
+}
+
+fn subscriber<W>(service: &ServiceInfo, filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync + 'static
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let default_fields = HashMap::from([
+        ("service".to_owned(), serde_json::Value::from(service.name)),
+        ("version".to_owned(), serde_json::Value::from(service.version)),
+        ("environment".to_owned(), serde_json::Value::from(service.environment.as_str())),
+    ]);
+    // Source file and line of every access-log line are noise that costs bytes on each request.
+    let formatter = BunyanFormattingLayer::with_default_fields(service.name.to_owned(), writer, default_fields)
+        .skip_fields(["file", "line"].into_iter())
+        .expect("file and line are not core bunyan fields");
+    Registry::default().with(filter).with(JsonStorageLayer).with(EventsOnly(formatter))
+}
+
+/// `RUST_LOG` when set and not blank, else the configured level; the request root span is
+/// enabled in both cases.
+fn build_filter(rust_log: Option<String>, default_level: &str) -> Result<EnvFilter, LoggingError> {
+    let (filter, source_name) = match rust_log {
+        Some(value) if !value.trim().is_empty() => (value, "RUST_LOG"),
+        _ => (default_level.to_owned(), "log.level"),
+    };
+    let invalid = |reason: String| LoggingError::InvalidFilter { filter: filter.clone(), source_name, reason };
+    let root_span = format!("{REQUEST_SPAN_TARGET}=info").parse().map_err(|e| invalid(format!("{e}")))?;
+    EnvFilter::builder().parse(&filter).map(|f| f.add_directive(root_span)).map_err(|e| invalid(e.to_string()))
+}
+
+/// Forwards events only. The bunyan layer also writes a line when a span opens and one when
+/// it closes; per request that would triple the log volume for no extra information (the
+/// access-log event carries the outcome and duration).
+struct EventsOnly<L>(L);
+
+impl<S, L> Layer<S> for EventsOnly<L>
+where
+    S: Subscriber,
+    L: Layer<S>,
+{
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        self.0.on_event(event, ctx);
+    }
+}
+
+/// An in-memory log sink for tests: install it with [`init`] and read the lines back.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// Every line written so far, parsed as JSON.
+    ///
+    /// # Panics
+    /// When a line is not a JSON object: that is the very defect tests look for.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(|line| {
+                let value: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+                assert!(value.is_object(), "log line is not a JSON object: {line}");
+                value
+            })
+            .collect()
+    }
+
+    /// The raw text written so far, to search for strings that must never be logged.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+impl<'a> MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogsWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        CapturedLogsWriter(self.0.clone())
+    }
+}
+
+pub struct CapturedLogsWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for CapturedLogsWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        if std::env::var_os("TEST_LOG").is_some() {
+            io::stdout().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> ServiceInfo {
+        ServiceInfo { name: "unit", version: "1.2.3", environment: "test".to_owned() }
+    }
+
+    fn capture(filter: &str, body: impl FnOnce()) -> Vec<serde_json::Value> {
+        let logs = CapturedLogs::default();
+        let filter = build_filter(None, filter).unwrap();
+        tracing::subscriber::with_default(subscriber(&service(), filter, logs.clone()), body);
+        logs.lines()
+    }
+
+    #[test]
+    fn lines_carry_service_version_environment_level_and_message() {
+        let lines = capture("info", || tracing::info!(answer = 42, "hello"));
+        assert_eq!(lines.len(), 1);
+        let line = &lines[0];
+        assert_eq!(line["service"], "unit");
+        assert_eq!(line["name"], "unit");
+        assert_eq!(line["version"], "1.2.3");
+        assert_eq!(line["environment"], "test");
+        assert_eq!(line["level"], 30);
+        assert_eq!(line["msg"], "hello");
+        assert_eq!(line["answer"], 42);
+        assert!(line["time"].is_string());
+    }
+
+    #[test]
+    fn span_fields_reach_nested_events_and_no_span_lines_are_written() {
+        let lines = capture("info", || {
+            let root = tracing::info_span!(target: REQUEST_SPAN_TARGET, "http_request", request_id = "r-1");
+            let _root = root.enter();
+            let inner = tracing::info_span!("query", table = "items");
+            let _inner = inner.enter();
+            tracing::info!("inside");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["request_id"], "r-1");
+        assert_eq!(lines[0]["table"], "items");
+    }
+
+    #[test]
+    fn request_id_survives_a_level_above_info() {
+        let lines = capture("warn", || {
+            let root = tracing::info_span!(target: REQUEST_SPAN_TARGET, "http_request", request_id = "r-2");
+            let _root = root.enter();
+            tracing::info!("filtered out");
+            tracing::warn!("kept");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["msg"].as_str().map(|m| m.ends_with("kept")), Some(true));
+        assert_eq!(lines[0]["request_id"], "r-2");
+        assert_eq!(lines[0]["level"], 40);
+    }
+
+    #[test]
+    fn rust_log_wins_over_the_configured_level_and_bad_filters_are_named() {
+        let lines = capture("off", || tracing::error!("never"));
+        assert!(lines.is_empty());
+        assert!(build_filter(Some("debug".to_owned()), "off").is_ok());
+        let error = build_filter(Some("info,=[".to_owned()), "info").unwrap_err().to_string();
+        assert!(error.contains("RUST_LOG"), "{error}");
+        let error = build_filter(None, "app=loud").unwrap_err().to_string();
+        assert!(error.contains("log.level"), "{error}");
+    }
+}

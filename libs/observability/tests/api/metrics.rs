@@ -1,0 +1,142 @@
+//! The HTTP metrics: names, labels, the histogram, the gauge, and a clean exposition.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+
+use crate::helpers::{TestApp, metric_value, spawn_app};
+
+const REQUESTS: &str = "api_requests_total";
+
+async fn requests(app: &TestApp, method: &str, endpoint: &str, status: &str) -> f64 {
+    app.metric(REQUESTS, &[("method", method), ("endpoint", endpoint), ("status", status)]).await.unwrap_or(0.0)
+}
+
+/// Polls `condition` on the metrics text until it holds or `within` passes.
+async fn wait_for_metrics(app: &TestApp, within: Duration, condition: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = app.metrics_text().await;
+        if condition(&text) || Instant::now() > deadline {
+            return text;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_route_template_and_status() {
+    let app = spawn_app().await;
+    for id in ["a", "b", "c"] {
+        assert_eq!(app.get(&format!("/items/{id}")).await.status(), 200);
+    }
+    assert_eq!(requests(&app, "GET", "/items/{id}", "200").await, 3.0);
+    let text = app.metrics_text().await;
+    assert!(!text.contains("/items/a"), "raw paths never become labels");
+}
+
+#[tokio::test]
+async fn unmatched_paths_and_odd_methods_share_fixed_labels() {
+    let app = spawn_app().await;
+    for i in 0..5 {
+        assert_eq!(app.get(&format!("/scan/{i}/wp-login.php")).await.status(), 404);
+    }
+    let odd = reqwest::Method::from_bytes(b"BREW").unwrap();
+    app.client.request(odd, format!("{}/items/a", app.address)).send().await.unwrap();
+
+    assert_eq!(requests(&app, "GET", "unmatched", "404").await, 5.0);
+    let text = app.metrics_text().await;
+    assert!(!text.contains("wp-login"), "{text}");
+    assert!(!text.contains("BREW"));
+    assert!(text.contains("method=\"OTHER\""));
+}
+
+#[tokio::test]
+async fn errors_from_handlers_and_middleware_are_counted() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/broken").await.status(), 500);
+    let refused =
+        app.client.get(format!("{}/items/z", app.address)).header("x-fail-in-middleware", "1").send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(requests(&app, "GET", "/broken", "500").await, 1.0);
+    assert_eq!(requests(&app, "GET", "/items/{id}", "403").await, 1.0);
+}
+
+#[tokio::test]
+async fn durations_are_a_histogram_from_1ms_to_10s() {
+    let app = spawn_app().await;
+    app.get("/items/a").await;
+    app.get("/items/b").await;
+    let text = app.metrics_text().await;
+    assert!(text.contains("# TYPE api_request_duration_seconds histogram"), "{text}");
+    let labels = |le: &'static str| [("method", "GET"), ("endpoint", "/items/{id}"), ("le", le)];
+    for le in ["0.001", "0.005", "0.1", "1", "10"] {
+        assert!(metric_value(&text, "api_request_duration_seconds_bucket", &labels(le)).is_some(), "bucket {le}");
+    }
+    assert_eq!(metric_value(&text, "api_request_duration_seconds_bucket", &labels("+Inf")), Some(2.0));
+    let count =
+        metric_value(&text, "api_request_duration_seconds_count", &[("method", "GET"), ("endpoint", "/items/{id}")]);
+    assert_eq!(count, Some(2.0));
+}
+
+#[tokio::test]
+async fn the_active_gauge_comes_back_down_when_the_client_disconnects() {
+    let app = spawn_app().await;
+    let active = [("method", "GET"), ("endpoint", "/wait")];
+    let mut stream = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://")).await.unwrap();
+    stream.write_all(b"GET /wait HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
+
+    let text = wait_for_metrics(&app, Duration::from_secs(10), |t| {
+        metric_value(t, "api_active_requests", &active) == Some(1.0)
+    })
+    .await;
+    assert_eq!(metric_value(&text, "api_active_requests", &active), Some(1.0), "request in flight");
+
+    drop(stream);
+    let text = wait_for_metrics(&app, Duration::from_secs(10), |t| {
+        metric_value(t, "api_active_requests", &active) == Some(0.0)
+    })
+    .await;
+    assert_eq!(metric_value(&text, "api_active_requests", &active), Some(0.0), "gauge back to zero");
+    let closed = metric_value(&text, REQUESTS, &[("method", "GET"), ("endpoint", "/wait"), ("status", "499")]);
+    assert_eq!(closed, Some(1.0), "counted as client-closed");
+}
+
+#[tokio::test]
+async fn build_info_and_process_metrics_are_exported() {
+    let app = spawn_app().await;
+    let response = app.get("/metrics").await;
+    assert_eq!(response.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    let text = response.text().await.unwrap();
+    assert_eq!(
+        metric_value(&text, "app_build_info", &[("service", "observability-test"), ("version", "9.9.9")]),
+        Some(1.0)
+    );
+    for name in ["process_resident_memory_bytes", "process_open_fds", "process_threads", "process_cpu_seconds_total"] {
+        assert!(metric_value(&text, name, &[]).is_some(), "{name} missing");
+    }
+    assert!(metric_value(&text, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn the_exposition_passes_promtool() {
+    let app = spawn_app().await;
+    app.get("/items/a").await;
+    app.get("/broken").await;
+    app.get("/nowhere").await;
+    let text = app.metrics_text().await;
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is required (Debian package `prometheus`; scripts/test installs it)");
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    let findings = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && findings.trim().is_empty(), "promtool: {findings}\n{text}");
+}
