@@ -1,7 +1,7 @@
 //! The process-wide Prometheus recorder, the standard HTTP metric names and the exposition
 //! handler.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
@@ -31,11 +31,15 @@ static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 #[error("cannot install the metrics recorder: {0}")]
 pub struct MetricsError(String);
 
+/// Refreshes gauges that are read rather than counted (pool sizes, queue lengths).
+pub type Collector = Arc<dyn Fn() + Send + Sync>;
+
 /// Renders the process's metrics. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
     handle: PrometheusHandle,
     process: metrics_process::Collector,
+    collectors: Vec<Collector>,
 }
 
 impl Metrics {
@@ -57,12 +61,21 @@ impl Metrics {
         gauge!(BUILD_INFO, "service" => service.name, "version" => service.version).set(1.0);
         let process = metrics_process::Collector::default();
         process.describe();
-        Ok(Self { handle, process })
+        Ok(Self { handle, process, collectors: Vec::new() })
     }
 
-    /// The current exposition text, process metrics refreshed first.
+    /// Runs `collector` right before every render.
+    pub fn with_collector(mut self, collector: impl Fn() + Send + Sync + 'static) -> Self {
+        self.collectors.push(Arc::new(collector));
+        self
+    }
+
+    /// The current exposition text, process metrics and collectors refreshed first.
     pub fn render(&self) -> String {
         self.process.collect();
+        for collector in &self.collectors {
+            collector();
+        }
         self.handle.render()
     }
 }

@@ -1,0 +1,223 @@
+//! Every SQL statement of the items API. Each write is one statement or one transaction, so
+//! a crash leaves all of a change or none of it.
+
+use deadpool_postgres::{GenericClient, Pool};
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::cursor::Cursor;
+use super::model::{Item, ItemPatch, NewItem};
+use crate::db::{DbError, QueryTimer};
+
+const COLUMNS: &str = "id, name, description, tags, attributes, version, created_at, updated_at";
+
+fn item_from_row(row: &Row) -> Item {
+    Item {
+        id: row.get(0),
+        name: row.get(1),
+        description: row.get(2),
+        tags: row.get(3),
+        attributes: row.get(4),
+        version: row.get(5),
+        created_at: row.get(6),
+        updated_at: row.get(7),
+    }
+}
+
+/// The outcome of a conditional write.
+pub enum Written<T> {
+    Done(T),
+    NotFound,
+    /// `If-Match` named other versions; carries the current one.
+    VersionMismatch(i32),
+}
+
+/// A keyed create: its first response, to be replayed.
+pub struct StoredResponse {
+    pub request_hash: Vec<u8>,
+    pub item_id: Uuid,
+    pub item_version: i32,
+    pub body: String,
+}
+
+pub enum KeyedCreate {
+    Created(Item),
+    /// The key was used before: here is what it produced.
+    Replay(StoredResponse),
+    /// Another request with this key is being processed right now.
+    InFlight,
+}
+
+#[derive(Clone)]
+pub struct Repository {
+    pool: Pool,
+}
+
+impl Repository {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Option<Item>, DbError> {
+        let _timer = QueryTimer::start("get_item");
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(&format!("SELECT {COLUMNS} FROM items WHERE id = $1")).await?;
+        Ok(client.query_opt(&statement, &[&id]).await?.as_ref().map(item_from_row))
+    }
+
+    /// Newest first, strictly after `cursor`; fetches one extra row to know whether another
+    /// page follows.
+    pub async fn list(&self, limit: i64, cursor: Option<Cursor>, tag: Option<&str>) -> Result<Vec<Item>, DbError> {
+        let _timer = QueryTimer::start("list_items");
+        let client = self.pool.get().await?;
+        let (after_time, after_id): (Option<OffsetDateTime>, Option<Uuid>) =
+            cursor.map_or((None, None), |c| (Some(c.created_at), Some(c.id)));
+        // One statement for every combination keeps one prepared plan; the planner still
+        // uses the (created_at, id) index for the row comparison.
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM items \
+                 WHERE ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
+                   AND ($4::text IS NULL OR tags @> ARRAY[$4::text]) \
+                 ORDER BY created_at DESC, id DESC LIMIT $1"
+            ))
+            .await?;
+        let rows = client.query(&statement, &[&(limit + 1), &after_time, &after_id, &tag]).await?;
+        Ok(rows.iter().map(item_from_row).collect())
+    }
+
+    pub async fn create(&self, item: &NewItem) -> Result<Item, DbError> {
+        let _timer = QueryTimer::start("create_item");
+        let client = self.pool.get().await?;
+        insert(&client, item).await
+    }
+
+    /// Creates the item and stores its response under `key`, in one transaction. Concurrent
+    /// requests with the same key serialise on a transaction-scoped advisory lock taken
+    /// without waiting: the loser learns at once that the key is in flight.
+    pub async fn create_keyed(
+        &self,
+        key: &str,
+        request_hash: &[u8],
+        item: &NewItem,
+        ttl_secs: u64,
+        render: impl FnOnce(&Item) -> String,
+    ) -> Result<KeyedCreate, DbError> {
+        let _timer = QueryTimer::start("create_item_idempotent");
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let locked: bool =
+            transaction.query_one("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
+        if !locked {
+            return Ok(KeyedCreate::InFlight);
+        }
+        let previous = transaction
+            .query_opt(
+                "SELECT request_hash, item_id, item_version, response_body FROM idempotency_keys \
+                 WHERE key = $1 AND expires_at > now()",
+                &[&key],
+            )
+            .await?;
+        if let Some(row) = previous {
+            return Ok(KeyedCreate::Replay(StoredResponse {
+                request_hash: row.get(0),
+                item_id: row.get(1),
+                item_version: row.get(2),
+                body: row.get(3),
+            }));
+        }
+        let created = insert(&transaction, item).await?;
+        let ttl_secs = i64::try_from(ttl_secs).unwrap_or(i64::MAX);
+        transaction
+            .execute(
+                "INSERT INTO idempotency_keys (key, request_hash, item_id, item_version, response_body, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6)) \
+                 ON CONFLICT (key) DO UPDATE SET request_hash = EXCLUDED.request_hash, item_id = EXCLUDED.item_id, \
+                   item_version = EXCLUDED.item_version, response_body = EXCLUDED.response_body, \
+                   created_at = now(), expires_at = EXCLUDED.expires_at",
+                &[&key, &request_hash, &created.id, &created.version, &render(&created), &(ttl_secs as f64)],
+            )
+            .await?;
+        transaction.commit().await?;
+        Ok(KeyedCreate::Created(created))
+    }
+
+    /// Applies a patch when `allowed` admits the current version (`None`: any). A patch
+    /// that changes nothing leaves the version as it is.
+    pub async fn patch(&self, id: Uuid, patch: &ItemPatch, allowed: Option<&[i32]>) -> Result<Written<Item>, DbError> {
+        let _timer = QueryTimer::start("patch_item");
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "UPDATE items SET name = COALESCE($2, name), description = COALESCE($3, description), \
+                   tags = COALESCE($4, tags), attributes = COALESCE($5, attributes), \
+                   version = version + 1, updated_at = now() \
+                 WHERE id = $1 AND ($6::int4[] IS NULL OR version = ANY($6)) \
+                   AND (name, description, tags, attributes) IS DISTINCT FROM \
+                       (COALESCE($2, name), COALESCE($3, description), COALESCE($4, tags), COALESCE($5, attributes)) \
+                 RETURNING {COLUMNS}"
+            ))
+            .await?;
+        let attributes: Option<&Value> = patch.attributes.as_ref();
+        let updated = client
+            .query_opt(&statement, &[&id, &patch.name, &patch.description, &patch.tags, &attributes, &allowed])
+            .await?;
+        if let Some(row) = updated {
+            return Ok(Written::Done(item_from_row(&row)));
+        }
+        // Not changed: the item is missing, the precondition failed, or there was nothing
+        // to change.
+        let statement = client.prepare_cached(&format!("SELECT {COLUMNS} FROM items WHERE id = $1")).await?;
+        Ok(match client.query_opt(&statement, &[&id]).await? {
+            None => Written::NotFound,
+            Some(row) => {
+                let current = item_from_row(&row);
+                if allowed.is_none_or(|versions| versions.contains(&current.version)) {
+                    Written::Done(current)
+                } else {
+                    Written::VersionMismatch(current.version)
+                }
+            }
+        })
+    }
+
+    /// Deletes when `allowed` admits the current version; returns the deleted version.
+    pub async fn delete(&self, id: Uuid, allowed: Option<&[i32]>) -> Result<Written<i32>, DbError> {
+        let _timer = QueryTimer::start("delete_item");
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "DELETE FROM items WHERE id = $1 AND ($2::int4[] IS NULL OR version = ANY($2)) RETURNING version",
+            )
+            .await?;
+        if let Some(row) = client.query_opt(&statement, &[&id, &allowed]).await? {
+            return Ok(Written::Done(row.get(0)));
+        }
+        let statement = client.prepare_cached("SELECT version FROM items WHERE id = $1").await?;
+        Ok(match client.query_opt(&statement, &[&id]).await? {
+            None => Written::NotFound,
+            Some(row) => Written::VersionMismatch(row.get(0)),
+        })
+    }
+
+    /// Deletes expired idempotency records; returns how many.
+    pub async fn purge_expired_keys(&self) -> Result<u64, DbError> {
+        let _timer = QueryTimer::start("purge_idempotency_keys");
+        let client = self.pool.get().await?;
+        Ok(client.execute("DELETE FROM idempotency_keys WHERE expires_at <= now()", &[]).await?)
+    }
+}
+
+async fn insert(client: &impl GenericClient, item: &NewItem) -> Result<Item, DbError> {
+    let statement = client
+        .prepare_cached(&format!(
+            "INSERT INTO items (id, name, description, tags, attributes) VALUES ($1, $2, $3, $4, $5) RETURNING {COLUMNS}"
+        ))
+        .await?;
+    let row = client
+        .query_one(&statement, &[&Uuid::now_v7(), &item.name, &item.description, &item.tags, &item.attributes])
+        .await?;
+    Ok(item_from_row(&row))
+}

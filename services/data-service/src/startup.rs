@@ -1,0 +1,136 @@
+//! Building and running the service: `Application::build` binds (port 0 works: tests read
+//! the real port back) and `run_until_stopped` serves until a signal drains it.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+use observability::health::configure_health;
+use observability::metrics::{Metrics, configure_metrics};
+use observability::shutdown::{ShutdownSettings, serve_until_stopped};
+use observability::{HealthCheck, HealthRegistry, Observe, ServiceInfo, server};
+use problem::{Problem, ProblemJson};
+
+use crate::cache::{self, Cache, RedisCheck};
+use crate::configuration::Settings;
+use crate::db::{self, PostgresCheck};
+use crate::items::repository::Repository;
+use crate::items::routes::{self, ItemsState};
+use crate::openapi;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Database(#[from] db::DbError),
+    #[error("cache: {0}")]
+    Cache(#[from] cache::CacheError),
+    #[error(transparent)]
+    Metrics(#[from] observability::metrics::MetricsError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen { address: String, source: std::io::Error },
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    health: HealthRegistry,
+    shutdown: ShutdownSettings,
+}
+
+impl Application {
+    pub async fn build(settings: Settings, service: ServiceInfo) -> Result<Self, StartupError> {
+        if settings.database.create_database {
+            db::create_database_if_missing(&settings.database).await?;
+        }
+        if settings.database.migrate_on_start {
+            db::migrate(&settings.database).await?;
+        }
+        let pool = db::create_pool(&settings.database)?;
+        let cache = Cache::new(&settings.cache)?;
+        db::describe_metrics();
+        cache::describe_metrics();
+        metrics::describe_counter!(
+            "idempotent_replays_total",
+            "Keyed POSTs answered with their stored first response."
+        );
+        let metrics = Metrics::install(&service)?
+            .with_collector({
+                let pool = pool.clone();
+                move || db::record_pool_metrics(&pool)
+            })
+            .with_collector({
+                let cache = cache.clone();
+                move || cache.record_pool_metrics()
+            });
+        let checks: Vec<Arc<dyn HealthCheck>> =
+            vec![Arc::new(PostgresCheck(pool.clone())), Arc::new(RedisCheck(cache.clone()))];
+        let health = HealthRegistry::new(&settings.health, checks);
+
+        let repository = Repository::new(pool);
+        spawn_background_work(&repository, &cache, settings.idempotency.purge_interval_secs);
+        let items =
+            web::Data::new(ItemsState { repository, cache, idempotency_ttl_secs: settings.idempotency.ttl_secs });
+        let body_limit = settings.items.body_limit_bytes;
+
+        let address = settings.server.address();
+        let listener =
+            TcpListener::bind(&address).map_err(|source| StartupError::Listen { address: address.clone(), source })?;
+        let port =
+            listener.local_addr().map_err(|source| StartupError::Listen { address: address.clone(), source })?.port();
+        let server = HttpServer::new({
+            let health = health.clone();
+            move || {
+                App::new()
+                    .wrap(ProblemJson)
+                    .wrap(Observe)
+                    .app_data(items.clone())
+                    .app_data(web::PayloadConfig::new(body_limit))
+                    .configure(configure_health(service.clone(), health.clone()))
+                    .configure(configure_metrics(metrics.clone()))
+                    .configure(openapi::configure)
+                    .configure(routes::configure)
+                    .default_service(web::to(|| async { Problem::not_found("no route matches this path") }))
+            }
+        });
+        let server = server::configure(server, &settings.server, &settings.shutdown)
+            .listen(listener)
+            .map_err(|source| StartupError::Listen { address, source })?
+            .run();
+        tracing::info!(port, "data service listening");
+        Ok(Self { port, server, health, shutdown: settings.shutdown })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        serve_until_stopped(self.server, self.health, &self.shutdown).await
+    }
+}
+
+/// Retries cache updates that failed, and purges expired idempotency records.
+fn spawn_background_work(repository: &Repository, cache: &Cache, purge_interval_secs: u64) {
+    let retrying = cache.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(retrying.retry_interval());
+        loop {
+            interval.tick().await;
+            retrying.retry_pending().await;
+        }
+    });
+    let repository = repository.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(purge_interval_secs.max(1)));
+        loop {
+            interval.tick().await;
+            match repository.purge_expired_keys().await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
+                Err(error) => tracing::warn!(%error, "could not purge expired idempotency keys"),
+            }
+        }
+    });
+}
