@@ -6,7 +6,7 @@
 //!
 //! Handlers fail with a [`Problem`]; the [`ProblemJson`] middleware renders it, and also every
 //! other error response (actix's own 404/405/413/415, extractor errors, errors raised by
-//! middleware), adding the request id. Server errors that are not a [`Problem`] never show
+//! middleware, bare error statuses), adding the request id. Server errors that are not a [`Problem`] never show
 //! their cause to the client: it stays on the response for the access log.
 
 use std::fmt;
@@ -227,10 +227,12 @@ where
     }
 }
 
+/// Error responses made from an error, or with no content type. A handler that built its
+/// own typed error body on purpose (readiness' 503 report) keeps it.
 fn needs_rendering<B>(response: &ServiceResponse<B>) -> bool {
     let status = response.status();
     (status.is_client_error() || status.is_server_error())
-        && response.headers().get(header::CONTENT_TYPE).is_none_or(|v| v.as_bytes() != CONTENT_TYPE.as_bytes())
+        && (response.response().error().is_some() || !response.headers().contains_key(header::CONTENT_TYPE))
 }
 
 /// An error raised by an inner middleware, already rendered: actix turns it into the

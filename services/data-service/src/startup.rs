@@ -64,6 +64,13 @@ impl Application {
                 let cache = cache.clone();
                 move || cache.record_pool_metrics()
             });
+        // Descriptions need the recorder installed.
+        db::describe_metrics();
+        cache::describe_metrics();
+        metrics::describe_counter!(
+            "idempotent_replays_total",
+            "Keyed POSTs answered with their stored first response."
+        );
         let checks: Vec<Arc<dyn HealthCheck>> =
             vec![Arc::new(PostgresCheck(pool.clone())), Arc::new(RedisCheck(cache.clone()))];
         let health = HealthRegistry::new(&settings.health, checks);

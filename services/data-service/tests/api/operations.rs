@@ -1,0 +1,82 @@
+//! The operational surface: OpenAPI document, metrics, health.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+use crate::helpers::{metric_sum, spawn_app};
+
+#[tokio::test]
+async fn openapi_documents_every_operation_and_status() {
+    let app = spawn_app().await;
+    let document: Value = app.get("/openapi.json").await.json().await.unwrap();
+    assert!(document["openapi"].as_str().unwrap().starts_with("3.1"), "{}", document["openapi"]);
+    let expected: [(&str, &str, &[&str]); 5] = [
+        ("/v1/items", "post", &["201", "400", "409", "413", "415", "422", "503"]),
+        ("/v1/items", "get", &["200", "400", "503"]),
+        ("/v1/items/{id}", "get", &["200", "304", "400", "404", "503"]),
+        ("/v1/items/{id}", "patch", &["200", "400", "404", "412", "413", "415", "422", "503"]),
+        ("/v1/items/{id}", "delete", &["204", "400", "404", "412", "503"]),
+    ];
+    for (path, method, statuses) in expected {
+        let responses = &document["paths"][path][method]["responses"];
+        for status in statuses {
+            assert!(responses.get(status).is_some(), "{method} {path} {status}");
+        }
+    }
+    for schema in ["Item", "NewItem", "ItemPatch", "ItemPage", "ProblemDocument"] {
+        assert!(document["components"]["schemas"].get(schema).is_some(), "{schema}");
+    }
+}
+
+#[tokio::test]
+async fn service_metrics_are_exported_and_pass_promtool() {
+    let app = spawn_app().await;
+    let item = app.create("m").await;
+    let path = format!("/v1/items/{}", item["id"].as_str().unwrap());
+    app.get(&path).await;
+    app.get(&path).await;
+    app.patch_json(&path, &json!({"name": "n"}), None).await;
+    let text = app.metrics().await;
+
+    assert_eq!(metric_sum(&text, "db_pool_connections", &[("state", "max")]), 16.0);
+    assert!(metric_sum(&text, "db_pool_connections", &[("state", "open")]) >= 1.0);
+    assert!(text.contains("db_pool_waiting"));
+    assert!(metric_sum(&text, "db_query_duration_seconds_count", &[("operation", "create_item")]) >= 1.0);
+    assert!(
+        metric_sum(&text, "db_query_duration_seconds_bucket", &[("operation", "patch_item"), ("le", "0.001")]) >= 0.0
+    );
+    assert!(text.contains("cache_hits_total") && text.contains("cache_misses_total"));
+    assert_eq!(
+        metric_sum(
+            &text,
+            "api_requests_total",
+            &[("endpoint", "/v1/items/{id}"), ("method", "PATCH"), ("status", "200")]
+        ),
+        1.0
+    );
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is required (Debian package prometheus; scripts/test installs it)");
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    let findings = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && findings.trim().is_empty(), "{findings}");
+}
+
+#[tokio::test]
+async fn readiness_reports_postgres_and_redis() {
+    let app = spawn_app().await;
+    let response = app.get("/ready").await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["checks"]["postgres"]["critical"], true);
+    assert_eq!(body["checks"]["redis"]["critical"], false);
+    assert_eq!(body["checks"]["redis"]["status"], "pass");
+}
