@@ -44,3 +44,17 @@ ensure_redis() {
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
   wait_until 30 redis-cli -h 127.0.0.1 -p 6379 ping || { log "Redis did not start"; return 1; }
 }
+
+# ensure_python_tool VENV PACKAGE VERSION: a pinned PyPI tool in its own virtualenv.
+ensure_python_tool() {
+  local venv="$1" package="$2" version="$3"
+  if [ -x "$venv/bin/$package" ] && "$venv/bin/$package" --version 2>/dev/null | grep -q "$version"; then return 0; fi
+  log "installing $package $version into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "$package==$version"
+}
+
+# A TCP port nobody listens on right now.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}

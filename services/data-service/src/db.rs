@@ -50,7 +50,12 @@ impl From<tokio_postgres::Error> for DbError {
                     || *code == SqlState::QUERY_CANCELED // statement timeout
             }
         };
-        if unavailable { Self::Unavailable(error.to_string()) } else { Self::Failed(error.to_string()) }
+        // The server's own message and SQLSTATE; the driver's Display says only "db error".
+        let text = match error.as_db_error() {
+            Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+            None => error.to_string(),
+        };
+        if unavailable { Self::Unavailable(text) } else { Self::Failed(text) }
     }
 }
 

@@ -35,7 +35,7 @@ pub struct Item {
     pub updated_at: OffsetDateTime,
 }
 
-/// `POST /v1/items` body.
+/// `POST /v1/items` body. No string may contain U+0000.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewItem {
@@ -56,16 +56,21 @@ pub struct NewItem {
 }
 
 /// `PATCH /v1/items/{id}` body: any subset of the fields; absent fields stay as they are.
+/// `null` is rejected (422). No string may contain U+0000.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemPatch {
-    #[schema(min_length = 1, max_length = 200)]
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 200, nullable = false)]
     pub name: Option<String>,
-    #[schema(max_length = 10000)]
+    #[serde(default)]
+    #[schema(max_length = 10000, nullable = false)]
     pub description: Option<String>,
-    #[schema(max_items = 32, value_type = Option<Vec<Tag>>)]
+    #[serde(default)]
+    #[schema(max_items = 32, value_type = Vec<Tag>, nullable = false)]
     pub tags: Option<Vec<String>>,
-    #[schema(value_type = Option<Object>)]
+    #[serde(default)]
+    #[schema(value_type = Object, nullable = false)]
     pub attributes: Option<Value>,
 }
 
@@ -136,7 +141,26 @@ fn invalid_type(error: serde_json::Error) -> BodyError {
     BodyError::Invalid(error.to_string())
 }
 
+/// Postgres stores neither a NUL in text nor `\u0000` in jsonb.
+fn check_no_nul(field: &str, text: &str) -> Result<(), BodyError> {
+    if text.contains('\0') {
+        Err(BodyError::Invalid(format!("{field}: must not contain NUL (U+0000)")))
+    } else {
+        Ok(())
+    }
+}
+
+fn value_contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(values) => values.iter().any(value_contains_nul),
+        Value::Object(object) => object.iter().any(|(key, value)| key.contains('\0') || value_contains_nul(value)),
+        _ => false,
+    }
+}
+
 pub fn check_name(name: &str) -> Result<String, BodyError> {
+    check_no_nul("name", name)?;
     let trimmed = name.trim();
     let chars = trimmed.chars().count();
     if (1..=MAX_NAME_CHARS).contains(&chars) {
@@ -147,6 +171,7 @@ pub fn check_name(name: &str) -> Result<String, BodyError> {
 }
 
 fn check_description(description: &str) -> Result<(), BodyError> {
+    check_no_nul("description", description)?;
     let chars = description.chars().count();
     if chars <= MAX_DESCRIPTION_CHARS {
         Ok(())
@@ -182,6 +207,9 @@ fn check_tags(tags: &[String]) -> Result<Vec<String>, BodyError> {
 fn check_attributes(attributes: &Value) -> Result<(), BodyError> {
     if !attributes.is_object() {
         return Err(BodyError::Invalid("attributes: must be a JSON object".to_owned()));
+    }
+    if value_contains_nul(attributes) {
+        return Err(BodyError::Invalid("attributes: must not contain NUL (U+0000) in keys or strings".to_owned()));
     }
     let size = serde_json::to_vec(attributes).map_or(usize::MAX, |v| v.len());
     if size > MAX_ATTRIBUTES_BYTES {
@@ -240,6 +268,10 @@ mod tests {
         let many: Vec<String> = (0..33).map(|i| format!("\"t{i}\"")).collect();
         assert!(is_invalid(create(&format!(r#"{{"name":"x","tags":[{}]}}"#, many.join(",")))));
         assert!(is_invalid(create(r#"{"name":"x","attributes":[1]}"#)));
+        assert!(is_invalid(create(r#"{"name":"a\u0000b"}"#)));
+        assert!(is_invalid(create(r#"{"name":"x","description":"\u0000"}"#)));
+        assert!(is_invalid(create(r#"{"name":"x","attributes":{"k":["\u0000"]}}"#)));
+        assert!(is_invalid(create(r#"{"name":"x","attributes":{"\u0000":1}}"#)));
         let big = format!(r#"{{"name":"x","attributes":{{"k":"{}"}}}}"#, "v".repeat(MAX_ATTRIBUTES_BYTES));
         assert!(is_invalid(create(&big)));
     }

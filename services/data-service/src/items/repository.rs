@@ -13,17 +13,18 @@ use crate::db::{DbError, QueryTimer};
 
 const COLUMNS: &str = "id, name, description, tags, attributes, version, created_at, updated_at";
 
-fn item_from_row(row: &Row) -> Item {
-    Item {
-        id: row.get(0),
-        name: row.get(1),
-        description: row.get(2),
-        tags: row.get(3),
-        attributes: row.get(4),
-        version: row.get(5),
-        created_at: row.get(6),
-        updated_at: row.get(7),
-    }
+/// Decodes a row; a value that cannot be decoded is an error, never a panic.
+fn item_from_row(row: &Row) -> Result<Item, DbError> {
+    Ok(Item {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        description: row.try_get(2)?,
+        tags: row.try_get(3)?,
+        attributes: row.try_get(4)?,
+        version: row.try_get(5)?,
+        created_at: row.try_get(6)?,
+        updated_at: row.try_get(7)?,
+    })
 }
 
 /// The outcome of a conditional write.
@@ -64,7 +65,7 @@ impl Repository {
         let _timer = QueryTimer::start("get_item");
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(&format!("SELECT {COLUMNS} FROM items WHERE id = $1")).await?;
-        Ok(client.query_opt(&statement, &[&id]).await?.as_ref().map(item_from_row))
+        client.query_opt(&statement, &[&id]).await?.as_ref().map(item_from_row).transpose()
     }
 
     /// Newest first, strictly after `cursor`; fetches one extra row to know whether another
@@ -85,7 +86,7 @@ impl Repository {
             ))
             .await?;
         let rows = client.query(&statement, &[&(limit + 1), &after_time, &after_id, &tag]).await?;
-        Ok(rows.iter().map(item_from_row).collect())
+        rows.iter().map(item_from_row).collect()
     }
 
     pub async fn create(&self, item: &NewItem) -> Result<Item, DbError> {
@@ -108,8 +109,10 @@ impl Repository {
         let _timer = QueryTimer::start("create_item_idempotent");
         let mut client = self.pool.get().await?;
         let transaction = client.transaction().await?;
-        let locked: bool =
-            transaction.query_one("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
+        let locked: bool = transaction
+            .query_one("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
+            .await?
+            .try_get(0)?;
         if !locked {
             return Ok(KeyedCreate::InFlight);
         }
@@ -122,10 +125,10 @@ impl Repository {
             .await?;
         if let Some(row) = previous {
             return Ok(KeyedCreate::Replay(StoredResponse {
-                request_hash: row.get(0),
-                item_id: row.get(1),
-                item_version: row.get(2),
-                body: row.get(3),
+                request_hash: row.try_get(0)?,
+                item_id: row.try_get(1)?,
+                item_version: row.try_get(2)?,
+                body: row.try_get(3)?,
             }));
         }
         let created = insert(&transaction, item).await?;
@@ -165,7 +168,7 @@ impl Repository {
             .query_opt(&statement, &[&id, &patch.name, &patch.description, &patch.tags, &attributes, &allowed])
             .await?;
         if let Some(row) = updated {
-            return Ok(Written::Done(item_from_row(&row)));
+            return Ok(Written::Done(item_from_row(&row)?));
         }
         // Not changed: the item is missing, the precondition failed, or there was nothing
         // to change.
@@ -173,7 +176,7 @@ impl Repository {
         Ok(match client.query_opt(&statement, &[&id]).await? {
             None => Written::NotFound,
             Some(row) => {
-                let current = item_from_row(&row);
+                let current = item_from_row(&row)?;
                 if allowed.is_none_or(|versions| versions.contains(&current.version)) {
                     Written::Done(current)
                 } else {
@@ -193,12 +196,12 @@ impl Repository {
             )
             .await?;
         if let Some(row) = client.query_opt(&statement, &[&id, &allowed]).await? {
-            return Ok(Written::Done(row.get(0)));
+            return Ok(Written::Done(row.try_get(0)?));
         }
         let statement = client.prepare_cached("SELECT version FROM items WHERE id = $1").await?;
         Ok(match client.query_opt(&statement, &[&id]).await? {
             None => Written::NotFound,
-            Some(row) => Written::VersionMismatch(row.get(0)),
+            Some(row) => Written::VersionMismatch(row.try_get(0)?),
         })
     }
 
@@ -219,5 +222,5 @@ async fn insert(client: &impl GenericClient, item: &NewItem) -> Result<Item, DbE
     let row = client
         .query_one(&statement, &[&Uuid::now_v7(), &item.name, &item.description, &item.tags, &item.attributes])
         .await?;
-    Ok(item_from_row(&row))
+    item_from_row(&row)
 }

@@ -155,7 +155,7 @@ fn idempotency_key(req: &HttpRequest) -> std::result::Result<Option<&str>, ApiEr
 #[utoipa::path(
     post, path = "/v1/items", tag = "items",
     request_body(content = NewItem, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: a repeat with the same key and body returns the first response again (for 24 h).")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[\\x20-\\x7e]{1,255}$", description = "Makes retries safe: a repeat with the same key and body returns the first response again (for 24 h).")),
     responses(
         (status = 201, description = "Created.", body = Item, headers(
             ("Location" = String, description = "`/v1/items/{id}`"),

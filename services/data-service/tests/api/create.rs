@@ -126,3 +126,18 @@ async fn the_callers_request_id_is_echoed_and_in_problems() {
     let problem = assert_problem(response, 400).await;
     assert_eq!(problem["request_id"], "trace-me-42");
 }
+
+#[tokio::test]
+async fn json_numbers_and_unicode_survive_the_round_trip_through_jsonb() {
+    let app = spawn_app().await;
+    let attributes =
+        json!({"max": f64::MAX, "tiny": 1e-320, "neg": -4.5e16, "big_int": 12_345_678_901_234_567_i64, "ünï": "😀"});
+    let response = app.post_json("/v1/items", &json!({"name": "numbers", "attributes": attributes})).await;
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["attributes"], attributes);
+    let fetched: Value = app.get(&format!("/v1/items/{}", created["id"].as_str().unwrap())).await.json().await.unwrap();
+    assert_eq!(fetched["attributes"], attributes);
+    let nul = app.post_json("/v1/items", &json!({"name": "x", "attributes": {"k": "a\u{0}b"}})).await;
+    assert_problem(nul, 422).await;
+}
