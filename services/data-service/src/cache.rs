@@ -12,12 +12,14 @@
 //! the item "pending": reads of it skip the cache, and a background task retries the update
 //! until it lands, so this replica never serves the old version from the cache.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, AsyncCommands, Script};
 use deadpool_redis::{Pool, Runtime, Timeouts};
 use observability::HealthCheck;
@@ -59,7 +61,15 @@ struct Pending {
 #[derive(Clone)]
 pub struct Cache(Arc<Inner>);
 
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Per cache (by id), the connection this thread's requests share.
+    static WORKER_CONNECTIONS: RefCell<HashMap<u64, deadpool_redis::Connection>> = RefCell::new(HashMap::new());
+}
+
 struct Inner {
+    id: u64,
     pool: Pool,
     prefix: String,
     ttl_ms: u64,
@@ -87,6 +97,7 @@ impl Cache {
         });
         let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| CacheError(format!("cache.url: {e}")))?;
         Ok(Self(Arc::new(Inner {
+            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
             pool,
             prefix: settings.key_prefix.clone(),
             ttl_ms: settings.ttl_secs * 1000,
@@ -115,14 +126,35 @@ impl Cache {
         self.0.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// This worker thread's connection: checked out of the pool once and shared by all of
+    /// the thread's requests (it pipelines them). A checkout costs a PING round trip, so
+    /// doing it per command would double the latency of every cache hit.
+    async fn connection(&self) -> Result<MultiplexedConnection, CacheError> {
+        let id = self.0.id;
+        if let Some(connection) =
+            WORKER_CONNECTIONS.with_borrow(|c| c.get(&id).map(|o| MultiplexedConnection::clone(o)))
+        {
+            return Ok(connection);
+        }
+        let object = self.0.pool.get().await.map_err(|e| CacheError(e.to_string()))?;
+        let connection = MultiplexedConnection::clone(&object);
+        WORKER_CONNECTIONS.with_borrow_mut(|c| c.insert(id, object));
+        Ok(connection)
+    }
+
+    /// After a failure: hand the connection back, so the pool checks it before reuse.
+    fn release_connection(&self) {
+        WORKER_CONNECTIONS.with_borrow_mut(|c| c.remove(&self.0.id));
+    }
+
     /// Runs one Redis operation under the timeout; a failure opens the bypass window.
     async fn run<T>(
         &self,
         operation: &'static str,
-        command: impl AsyncFnOnce(&mut deadpool_redis::Connection) -> redis::RedisResult<T>,
+        command: impl AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
     ) -> Result<T, CacheError> {
         let attempt = async {
-            let mut connection = self.0.pool.get().await.map_err(|e| CacheError(e.to_string()))?;
+            let mut connection = self.connection().await?;
             command(&mut connection).await.map_err(|e| CacheError(e.to_string()))
         };
         let result = match tokio::time::timeout(self.0.timeout, attempt).await {
@@ -130,6 +162,7 @@ impl Cache {
             Err(_) => Err(CacheError(format!("timed out after {} ms", self.0.timeout.as_millis()))),
         };
         if let Err(error) = &result {
+            self.release_connection();
             let until = self.now_ms() + u64::try_from(self.0.retry_after_failure.as_millis()).unwrap_or(u64::MAX);
             self.0.bypass_until_ms.store(until, Ordering::Relaxed);
             metrics::counter!("cache_errors_total", "operation" => operation).increment(1);
