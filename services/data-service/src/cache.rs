@@ -6,23 +6,19 @@
 //! fetched version 1 from Postgres cannot overwrite version 2 written meanwhile, and a late
 //! fill cannot resurrect a deleted item.
 //!
-//! Redis is optional: every command has a short timeout, failures are logged and counted,
-//! and after one the cache is bypassed for `retry_after_failure_ms` so an outage costs no
-//! latency; it is used again on its own afterwards. A write whose cache update fails leaves
+//! Redis is optional (see `redis_access`: short timeouts, failures counted, a bypass window
+//! after a failure so an outage costs no latency). A write whose cache update fails leaves
 //! the item "pending": reads of it skip the cache, and a background task retries the update
 //! until it lands, so this replica never serves the old version from the cache.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::{self, AsyncCommands, Script};
-use deadpool_redis::{Pool, Runtime, Timeouts};
 use observability::HealthCheck;
+use redis_access::redis::{AsyncCommands, Script};
+use redis_access::{Redis, RedisError, RedisSettings};
 use secrecy::ExposeSecret;
 use uuid::Uuid;
 
@@ -61,50 +57,29 @@ struct Pending {
 #[derive(Clone)]
 pub struct Cache(Arc<Inner>);
 
-static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// Per cache (by id), the connection this thread's requests share.
-    static WORKER_CONNECTIONS: RefCell<HashMap<u64, deadpool_redis::Connection>> = RefCell::new(HashMap::new());
-}
-
 struct Inner {
-    id: u64,
-    pool: Pool,
+    redis: Redis,
     prefix: String,
     ttl_ms: u64,
-    timeout: Duration,
-    retry_after_failure: Duration,
-    started: Instant,
-    /// Milliseconds since `started` before which Redis is not tried.
-    bypass_until_ms: AtomicU64,
     pending: Mutex<HashMap<Uuid, Pending>>,
     put_if_newer: Script,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct CacheError(String);
+pub type CacheError = RedisError;
 
 impl Cache {
     pub fn new(settings: &CacheSettings) -> Result<Self, CacheError> {
-        let timeout = Duration::from_millis(settings.timeout_ms);
-        let mut config = deadpool_redis::Config::from_url(settings.url.expose_secret());
-        config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: settings.pool_size,
-            timeouts: Timeouts { wait: Some(timeout), create: Some(timeout), recycle: Some(timeout) },
-            ..Default::default()
-        });
-        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| CacheError(format!("cache.url: {e}")))?;
+        let redis = Redis::new(&RedisSettings {
+            url: settings.url.expose_secret(),
+            pool_size: settings.pool_size,
+            timeout: Duration::from_millis(settings.timeout_ms),
+            retry_after_failure: Duration::from_millis(settings.retry_after_failure_ms),
+            error_counter: "cache_errors_total",
+        })?;
         Ok(Self(Arc::new(Inner {
-            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
-            pool,
+            redis,
             prefix: settings.key_prefix.clone(),
             ttl_ms: settings.ttl_secs * 1000,
-            timeout,
-            retry_after_failure: Duration::from_millis(settings.retry_after_failure_ms),
-            started: Instant::now(),
-            bypass_until_ms: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             put_if_newer: Script::new(PUT_IF_NEWER),
         })))
@@ -114,61 +89,12 @@ impl Cache {
         format!("{}item:{}", self.0.prefix, id.as_hyphenated())
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
     fn bypassed(&self) -> bool {
-        self.now_ms() < self.0.bypass_until_ms.load(Ordering::Relaxed)
+        self.0.redis.bypassed()
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Pending>> {
         self.0.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// This worker thread's connection: checked out of the pool once and shared by all of
-    /// the thread's requests (it pipelines them). A checkout costs a PING round trip, so
-    /// doing it per command would double the latency of every cache hit.
-    async fn connection(&self) -> Result<MultiplexedConnection, CacheError> {
-        let id = self.0.id;
-        if let Some(connection) =
-            WORKER_CONNECTIONS.with_borrow(|c| c.get(&id).map(|o| MultiplexedConnection::clone(o)))
-        {
-            return Ok(connection);
-        }
-        let object = self.0.pool.get().await.map_err(|e| CacheError(e.to_string()))?;
-        let connection = MultiplexedConnection::clone(&object);
-        WORKER_CONNECTIONS.with_borrow_mut(|c| c.insert(id, object));
-        Ok(connection)
-    }
-
-    /// After a failure: hand the connection back, so the pool checks it before reuse.
-    fn release_connection(&self) {
-        WORKER_CONNECTIONS.with_borrow_mut(|c| c.remove(&self.0.id));
-    }
-
-    /// Runs one Redis operation under the timeout; a failure opens the bypass window.
-    async fn run<T>(
-        &self,
-        operation: &'static str,
-        command: impl AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
-    ) -> Result<T, CacheError> {
-        let attempt = async {
-            let mut connection = self.connection().await?;
-            command(&mut connection).await.map_err(|e| CacheError(e.to_string()))
-        };
-        let result = match tokio::time::timeout(self.0.timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(CacheError(format!("timed out after {} ms", self.0.timeout.as_millis()))),
-        };
-        if let Err(error) = &result {
-            self.release_connection();
-            let until = self.now_ms() + u64::try_from(self.0.retry_after_failure.as_millis()).unwrap_or(u64::MAX);
-            self.0.bypass_until_ms.store(until, Ordering::Relaxed);
-            metrics::counter!("cache_errors_total", "operation" => operation).increment(1);
-            tracing::warn!(operation, %error, "cache unavailable; serving from Postgres");
-        }
-        result
     }
 
     pub async fn get(&self, id: Uuid) -> Lookup {
@@ -176,7 +102,7 @@ impl Cache {
             return Lookup::Unknown;
         }
         let key = self.key(id);
-        let Ok(value) = self.run("get", async |c| c.get::<_, Option<Vec<u8>>>(&key).await).await else {
+        let Ok(value) = self.0.redis.run("get", async |c| c.get::<_, Option<Vec<u8>>>(&key).await).await else {
             return Lookup::Unknown;
         };
         let lookup = value.as_deref().and_then(parse_entry);
@@ -220,10 +146,12 @@ impl Cache {
         let body: &[u8] = update.body.as_deref().unwrap_or_default();
         let ttl_ms = self.0.ttl_ms;
         let script = &self.0.put_if_newer;
-        self.run("put", async |c| {
-            script.key(&key).arg(version).arg(body).arg(ttl_ms).invoke_async::<i32>(c).await.map(drop)
-        })
-        .await
+        self.0
+            .redis
+            .run("put", async |c| {
+                script.key(&key).arg(version).arg(body).arg(ttl_ms).invoke_async::<i32>(c).await.map(drop)
+            })
+            .await
     }
 
     /// Applies the updates that failed earlier; run periodically.
@@ -245,18 +173,14 @@ impl Cache {
     }
 
     pub fn retry_interval(&self) -> Duration {
-        self.0.retry_after_failure.max(Duration::from_millis(100))
-    }
-
-    async fn ping(&self) -> Result<(), CacheError> {
-        self.run("ping", async |c| redis::cmd("PING").query_async::<String>(c).await.map(drop)).await
+        self.0.redis.retry_after_failure().max(Duration::from_millis(100))
     }
 
     pub fn record_pool_metrics(&self) {
-        let status = self.0.pool.status();
-        metrics::gauge!("cache_pool_connections", "state" => "max").set(status.max_size as f64);
-        metrics::gauge!("cache_pool_connections", "state" => "open").set(status.size as f64);
-        metrics::gauge!("cache_pool_connections", "state" => "idle").set(status.available as f64);
+        let (max, open, idle) = self.0.redis.pool_status();
+        metrics::gauge!("cache_pool_connections", "state" => "max").set(max as f64);
+        metrics::gauge!("cache_pool_connections", "state" => "open").set(open as f64);
+        metrics::gauge!("cache_pool_connections", "state" => "idle").set(idle as f64);
         metrics::gauge!("cache_pending_updates").set(self.pending().len() as f64);
     }
 }
@@ -290,6 +214,6 @@ impl HealthCheck for RedisCheck {
     }
 
     async fn check(&self) -> Result<(), String> {
-        self.0.ping().await.map_err(|e| e.to_string())
+        self.0.0.redis.ping().await.map_err(|e| e.to_string())
     }
 }
