@@ -1,7 +1,7 @@
 //! [`Observe`]: the one middleware every service wraps its app in.
 //!
 //! Per request it: picks the request id; opens the root span (`request_id`, `method`, `route`,
-//! `path`) that every log line written while serving the request inherits; keeps
+//! `path`, and `client` once [`record_client`] names it) that every log line written while serving the request inherits; keeps
 //! `api_active_requests` up; records `api_requests_total` and `api_request_duration_seconds`;
 //! writes one access-log line; and sets `X-Request-ID` on the response. It wraps the whole
 //! app, so this holds for 404s, handler errors and responses made by other middleware too.
@@ -85,6 +85,7 @@ where
             method,
             route = &*metrics.endpoint,
             path = req.path(),
+            client = tracing::field::Empty,
         );
         let in_flight = InFlight::start(metrics, span.clone());
         let response = span.in_scope(|| self.service.call(req));
@@ -250,6 +251,12 @@ fn status_label(status: StatusCode) -> &'static str {
     static LABELS: OnceLock<Vec<&'static str>> = OnceLock::new();
     let labels = LABELS.get_or_init(|| (100..1000u16).map(|code| &*code.to_string().leak()).collect());
     labels.get(usize::from(status.as_u16()).saturating_sub(100)).copied().unwrap_or("other")
+}
+
+/// Names the authenticated client (an API key's id, never the key) on the current request's
+/// root span, so every later log line of the request, the access line included, carries it.
+pub fn record_client(client: &str) {
+    tracing::Span::current().record("client", client);
 }
 
 /// Standard methods by name; anything else shares one label so that a scanner sending

@@ -1,0 +1,346 @@
+//! The proxy: route, authenticate, rate-limit, forward with retries and a deadline, stream
+//! both ways.
+//!
+//! Errors follow pingora's split: the client's fault (downstream: 401, 404, 413, 429), the
+//! upstream's (502, 503, 504), or ours (500).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use actix_web::body::SizedStream;
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::web::{Bytes, Payload};
+use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
+use awc::error::{ConnectError, SendRequestError};
+use futures_util::Stream;
+use observability::middleware::record_client;
+use observability::request_id::propagation_headers;
+use problem::Problem;
+
+use crate::auth::Authenticator;
+use crate::ratelimit::{Decision, RateLimiter};
+use crate::upstream::{Admission, Upstream};
+
+pub struct Route {
+    pub prefix: String,
+    pub upstream: Arc<Upstream>,
+    pub upstream_prefix: String,
+    pub timeout: Duration,
+}
+
+pub struct Gateway {
+    pub routes: Vec<Route>,
+    pub auth: Authenticator,
+    pub limiter: RateLimiter,
+    pub body_limit: u64,
+    pub max_retries: u32,
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus those the
+/// gateway sets itself and the caller's credentials.
+const NOT_FORWARDED: [&str; 12] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "authorization",
+    "x-request-id",
+];
+
+fn forwardable(name: &HeaderName, connection: &[String]) -> bool {
+    let name = name.as_str();
+    !NOT_FORWARDED.contains(&name) && !connection.iter().any(|listed| listed == name)
+}
+
+/// Header names listed in `Connection` are hop-by-hop too.
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn rate_limit_headers(response: &mut HttpResponseBuilder, decision: &Decision) {
+    response
+        .insert_header(("ratelimit-limit", decision.limit.to_string()))
+        .insert_header(("ratelimit-remaining", decision.remaining.to_string()))
+        .insert_header(("ratelimit-reset", decision.reset_secs.to_string()));
+}
+
+fn problem_with_limits(problem: Problem, decision: &Decision) -> HttpResponse {
+    let mut response = HttpResponse::from_error(problem);
+    for (name, value) in [
+        ("ratelimit-limit", decision.limit.to_string()),
+        ("ratelimit-remaining", decision.remaining.to_string()),
+        ("ratelimit-reset", decision.reset_secs.to_string()),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(HeaderName::from_static(name), value);
+        }
+    }
+    response
+}
+
+/// Fails the stream once more than `limit` bytes have passed, so an oversized body is
+/// refused while it streams, without being held in memory.
+struct Limited {
+    inner: Payload,
+    remaining: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body over the limit")]
+struct BodyTooLarge;
+
+impl Stream for Limited {
+    type Item = Result<Bytes, Box<dyn std::error::Error>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                let size = chunk.len() as u64;
+                if size > self.remaining {
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                }
+                self.remaining -= size;
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
+}
+
+/// How one attempt at the upstream went.
+enum Attempt {
+    Response(awc::ClientResponse),
+    /// No connection could be made: safe to retry, even for writes.
+    ConnectFailed(String),
+    TooLarge,
+    Failed(String),
+}
+
+fn classify(error: SendRequestError) -> Attempt {
+    match error {
+        SendRequestError::Connect(
+            ConnectError::Timeout | ConnectError::Io(_) | ConnectError::Resolver(_) | ConnectError::NoRecords,
+        ) => Attempt::ConnectFailed(error.to_string()),
+        SendRequestError::Body(ref inner) if inner.to_string().contains("over the limit") => Attempt::TooLarge,
+        other => Attempt::Failed(other.to_string()),
+    }
+}
+
+pub async fn proxy(
+    req: HttpRequest,
+    payload: Payload,
+    gateway: web::Data<Gateway>,
+    client: web::Data<awc::Client>,
+) -> Result<HttpResponse, Problem> {
+    let path = req.path();
+    let Some(route) = gateway
+        .routes
+        .iter()
+        .find(|r| path == r.prefix || path.strip_prefix(r.prefix.as_str()).is_some_and(|rest| rest.starts_with('/')))
+    else {
+        return Err(Problem::not_found("no route matches this path"));
+    };
+    let caller = gateway.auth.authenticate(&req)?;
+    record_client(&caller.key_id);
+
+    let Some(decision) = gateway.limiter.check(&caller).await else {
+        return Err(Problem::unavailable("rate limiting is unavailable; retry shortly", 1));
+    };
+    if !decision.allowed {
+        let problem = Problem::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded for this API key")
+            .with_header(header::RETRY_AFTER, decision.retry_after_secs.to_string());
+        return Ok(problem_with_limits(problem, &decision));
+    }
+
+    let declared_length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > gateway.body_limit) {
+        return Ok(problem_with_limits(
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request bodies are limited to {} bytes", gateway.body_limit),
+            ),
+            &decision,
+        ));
+    }
+    let has_body = declared_length.is_some_and(|l| l > 0) || req.headers().contains_key(header::TRANSFER_ENCODING);
+
+    let upstream = &route.upstream;
+    if let Admission::Shed(retry_after) = upstream.admit() {
+        metrics::counter!("gateway_upstream_requests_total", "upstream" => upstream.name.clone(), "status" => "shed")
+            .increment(1);
+        let problem =
+            Problem::unavailable(format!("upstream {} is unavailable (circuit open)", upstream.name), retry_after);
+        return Ok(problem_with_limits(problem, &decision));
+    }
+    upstream.deposit_retry_budget();
+
+    let rest = &path[route.prefix.len()..];
+    let target = match req.query_string() {
+        "" => format!("{}{rest}", route.upstream_prefix),
+        query => format!("{}{rest}?{query}", route.upstream_prefix),
+    };
+    let connection = connection_tokens(req.headers());
+    let forwarded_for = match (req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()), req.peer_addr()) {
+        (Some(previous), Some(peer)) => format!("{previous}, {}", peer.ip()),
+        (None, Some(peer)) => peer.ip().to_string(),
+        (Some(previous), None) => previous.to_owned(),
+        (None, None) => String::new(),
+    };
+    let host = req.connection_info().host().to_owned();
+
+    let started = Instant::now();
+    let deadline = started + route.timeout;
+    let mut body = Some(Limited { inner: payload, remaining: gateway.body_limit });
+    let retryable = is_idempotent(req.method()) && !has_body;
+    let mut attempt_number = 0;
+    let outcome = loop {
+        let Some(endpoint) = upstream.pick() else {
+            break Attempt::ConnectFailed("no endpoints configured".to_owned());
+        };
+        let mut request = client
+            .request(req.method().clone(), format!("{}{target}", endpoint.base))
+            .timeout(deadline.saturating_duration_since(Instant::now()));
+        for (name, value) in req.headers() {
+            if forwardable(name, &connection) {
+                request = request.append_header((name.clone(), value.clone()));
+            }
+        }
+        for (name, value) in propagation_headers(&req) {
+            request = request.insert_header((name, value));
+        }
+        if !forwarded_for.is_empty() {
+            request = request.insert_header(("x-forwarded-for", forwarded_for.as_str()));
+        }
+        request =
+            request.insert_header(("x-forwarded-proto", "http")).insert_header(("x-forwarded-host", host.as_str()));
+
+        let sent = if has_body {
+            match body.take() {
+                Some(stream) => request.send_stream(stream),
+                None => break Attempt::Failed("the request body was already sent".to_owned()),
+            }
+        } else {
+            request.send()
+        };
+        let attempt = match tokio::time::timeout_at(deadline.into(), sent).await {
+            Err(_) => break Attempt::Failed("timeout".to_owned()),
+            Ok(Ok(response)) => Attempt::Response(response),
+            Ok(Err(error)) => classify(error),
+        };
+        let may_retry = attempt_number < gateway.max_retries && Instant::now() < deadline;
+        match &attempt {
+            Attempt::ConnectFailed(_) => upstream.eject(endpoint),
+            Attempt::Response(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {}
+            _ => break attempt,
+        }
+        // Connection failures never reached the upstream; a 503 said "not now".
+        if !(may_retry && (retryable || matches!(attempt, Attempt::ConnectFailed(_) if !has_body)))
+            || !upstream.withdraw_retry()
+        {
+            break attempt;
+        }
+        attempt_number += 1;
+        let backoff = Duration::from_millis(fastrand::u64(10..=25) * u64::from(attempt_number));
+        tokio::time::sleep_until(Instant::now().checked_add(backoff).unwrap_or(deadline).min(deadline).into()).await;
+    };
+
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics::histogram!("gateway_upstream_duration_seconds", "upstream" => upstream.name.clone()).record(elapsed);
+    let status_label = match &outcome {
+        Attempt::Response(response) => response.status().as_str().to_owned(),
+        Attempt::ConnectFailed(_) => "connect_error".to_owned(),
+        Attempt::TooLarge => "body_too_large".to_owned(),
+        Attempt::Failed(reason) if reason == "timeout" => "timeout".to_owned(),
+        Attempt::Failed(_) => "error".to_owned(),
+    };
+    metrics::counter!("gateway_upstream_requests_total", "upstream" => upstream.name.clone(), "status" => status_label)
+        .increment(1);
+
+    match outcome {
+        Attempt::Response(response) => {
+            upstream.record(!response.status().is_server_error());
+            Ok(relay(response, route, &decision))
+        }
+        Attempt::TooLarge => {
+            // The upstream never saw the whole body; not its failure.
+            upstream.record(true);
+            Ok(problem_with_limits(
+                Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request bodies are limited to {} bytes", gateway.body_limit),
+                ),
+                &decision,
+            ))
+        }
+        Attempt::ConnectFailed(cause) => {
+            upstream.record(false);
+            tracing::warn!(upstream = %upstream.name, %cause, "upstream unreachable");
+            Ok(problem_with_limits(
+                Problem::unavailable(format!("upstream {} is unreachable", upstream.name), 1),
+                &decision,
+            ))
+        }
+        Attempt::Failed(cause) if cause == "timeout" => {
+            upstream.record(false);
+            tracing::warn!(upstream = %upstream.name, timeout_ms = route.timeout.as_millis() as u64, "upstream timed out");
+            let problem =
+                Problem::new(StatusCode::GATEWAY_TIMEOUT, format!("upstream {} did not answer in time", upstream.name));
+            Ok(problem_with_limits(problem, &decision))
+        }
+        Attempt::Failed(cause) => {
+            upstream.record(false);
+            tracing::warn!(upstream = %upstream.name, %cause, "upstream request failed");
+            let problem = Problem::new(StatusCode::BAD_GATEWAY, format!("upstream {} failed to answer", upstream.name));
+            Ok(problem_with_limits(problem, &decision))
+        }
+    }
+}
+
+/// The upstream's response, streamed back, with hop-by-hop headers dropped and `Location`
+/// rewritten to the public prefix.
+fn relay(response: awc::ClientResponse, route: &Route, decision: &Decision) -> HttpResponse {
+    let connection = connection_tokens(response.headers());
+    let mut builder = HttpResponse::build(response.status());
+    for (name, value) in response.headers() {
+        if name == header::LOCATION {
+            let rewritten = value
+                .to_str()
+                .ok()
+                .and_then(|location| location.strip_prefix(route.upstream_prefix.as_str()))
+                .map(|rest| format!("{}{rest}", route.prefix));
+            match rewritten {
+                Some(location) => builder.insert_header((header::LOCATION, location)),
+                None => builder.insert_header((name.clone(), value.clone())),
+            };
+        } else if name != header::CONTENT_LENGTH && forwardable(name, &connection) {
+            builder.append_header((name.clone(), value.clone()));
+        }
+    }
+    rate_limit_headers(&mut builder, decision);
+    // Keep a known length (no chunked framing for the common small response).
+    match response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+        Some(length) => builder.body(SizedStream::new(length, response)),
+        None => builder.streaming(response),
+    }
+}

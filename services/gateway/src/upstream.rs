@@ -1,0 +1,212 @@
+//! An upstream: its endpoints (round robin; one that refuses a connection is ejected for a
+//! while and then tried again by real traffic), its circuit breaker, and the retry budget.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::configuration::ProxySettings;
+
+pub struct Endpoint {
+    /// Base URL without a trailing slash.
+    pub base: String,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BreakerState {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// One probe request is in flight; everyone else is shed.
+    HalfOpen,
+}
+
+pub struct Upstream {
+    pub name: String,
+    endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+    breaker: Mutex<BreakerState>,
+    breaker_failures: u32,
+    breaker_open: Duration,
+    eject_for: Duration,
+    /// Retry tokens, in thousandths: each request deposits `ratio`, each retry costs one.
+    retry_tokens_milli: AtomicU64,
+    retry_deposit_milli: u64,
+}
+
+/// Permission to send a request through the breaker.
+#[derive(Debug)]
+pub enum Admission {
+    Allowed,
+    /// Shed: the breaker is open; retry after this many seconds.
+    Shed(u64),
+}
+
+const MAX_RETRY_TOKENS_MILLI: u64 = 10_000;
+
+impl Upstream {
+    pub fn new(name: &str, urls: &[String], settings: &ProxySettings) -> Self {
+        let upstream = Self {
+            name: name.to_owned(),
+            endpoints: urls
+                .iter()
+                .map(|url| Endpoint { base: url.trim_end_matches('/').to_owned(), ejected_until: Mutex::new(None) })
+                .collect(),
+            next: AtomicUsize::new(0),
+            breaker: Mutex::new(BreakerState::Closed { failures: 0 }),
+            breaker_failures: settings.breaker_failures.max(1),
+            breaker_open: Duration::from_secs(settings.breaker_open_secs),
+            eject_for: Duration::from_secs(settings.eject_secs),
+            retry_tokens_milli: AtomicU64::new(MAX_RETRY_TOKENS_MILLI),
+            retry_deposit_milli: (settings.retry_budget_ratio.clamp(0.0, 1.0) * 1000.0) as u64,
+        };
+        upstream.publish_state(BreakerState::Closed { failures: 0 });
+        upstream
+    }
+
+    /// The next endpoint in turn that is not ejected; if all are, the next in turn anyway
+    /// (so an upstream whose endpoints all failed is probed rather than given up on).
+    pub fn pick(&self) -> Option<&Endpoint> {
+        let count = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        (0..count)
+            .map(|i| &self.endpoints[(start + i) % count])
+            .find(|e| e.ejected_until.lock().map(|until| until.is_none_or(|t| t <= now)).unwrap_or(true))
+            .or_else(|| self.endpoints.get(start % count.max(1)))
+    }
+
+    /// `host:port` of each endpoint, for reachability reports.
+    pub fn endpoint_addresses(&self) -> Vec<String> {
+        self.endpoints
+            .iter()
+            .map(|e| {
+                let authority = e.base.split("://").nth(1).unwrap_or(&e.base);
+                authority.split('/').next().unwrap_or(authority).to_owned()
+            })
+            .collect()
+    }
+
+    pub fn eject(&self, endpoint: &Endpoint) {
+        if let Ok(mut until) = endpoint.ejected_until.lock() {
+            *until = Some(Instant::now() + self.eject_for);
+        }
+        tracing::warn!(upstream = %self.name, endpoint = %endpoint.base, eject_secs = self.eject_for.as_secs(), "endpoint ejected");
+    }
+
+    pub fn admit(&self) -> Admission {
+        let mut state = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        match *state {
+            BreakerState::Closed { .. } => Admission::Allowed,
+            BreakerState::Open { until } if Instant::now() >= until => {
+                *state = BreakerState::HalfOpen;
+                self.publish_state(*state);
+                Admission::Allowed
+            }
+            BreakerState::Open { until } => {
+                Admission::Shed(until.saturating_duration_since(Instant::now()).as_secs().max(1))
+            }
+            BreakerState::HalfOpen => Admission::Shed(1),
+        }
+    }
+
+    /// Records the outcome of an admitted request.
+    pub fn record(&self, success: bool) {
+        let mut state = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        let next = match (*state, success) {
+            (_, true) => BreakerState::Closed { failures: 0 },
+            (BreakerState::Closed { failures }, false) if failures + 1 < self.breaker_failures => {
+                BreakerState::Closed { failures: failures + 1 }
+            }
+            (_, false) => BreakerState::Open { until: Instant::now() + self.breaker_open },
+        };
+        if std::mem::discriminant(&next) != std::mem::discriminant(&*state) {
+            tracing::warn!(upstream = %self.name, from = ?*state, to = ?next, "circuit breaker changed state");
+            self.publish_state(next);
+        }
+        *state = next;
+    }
+
+    fn publish_state(&self, state: BreakerState) {
+        let value = match state {
+            BreakerState::Closed { .. } => 0.0,
+            BreakerState::Open { .. } => 1.0,
+            BreakerState::HalfOpen => 2.0,
+        };
+        metrics::gauge!("gateway_circuit_state", "upstream" => self.name.clone()).set(value);
+    }
+
+    /// Every request adds a fraction of a retry token (up to a cap).
+    pub fn deposit_retry_budget(&self) {
+        let _ = self.retry_tokens_milli.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| {
+            Some((tokens + self.retry_deposit_milli).min(MAX_RETRY_TOKENS_MILLI))
+        });
+    }
+
+    /// Takes one retry token if there is one: retries can never exceed the budget ratio.
+    pub fn withdraw_retry(&self) -> bool {
+        self.retry_tokens_milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| tokens.checked_sub(1000))
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ProxySettings {
+        ProxySettings {
+            body_limit_bytes: 1024,
+            connect_timeout_ms: 100,
+            max_retries: 2,
+            retry_budget_ratio: 0.5,
+            eject_secs: 60,
+            breaker_failures: 3,
+            breaker_open_secs: 0,
+        }
+    }
+
+    #[test]
+    fn round_robin_skips_ejected_endpoints() {
+        let upstream = Upstream::new("u", &["http://a/".to_owned(), "http://b".to_owned()], &settings());
+        let first = upstream.pick().unwrap().base.clone();
+        let second = upstream.pick().unwrap().base.clone();
+        assert_ne!(first, second);
+        assert_eq!(first, "http://a");
+        let a = upstream.endpoints.iter().find(|e| e.base == "http://a").unwrap();
+        upstream.eject(a);
+        for _ in 0..4 {
+            assert_eq!(upstream.pick().unwrap().base, "http://b");
+        }
+    }
+
+    #[test]
+    fn breaker_opens_after_repeated_failures_and_half_opens_to_probe() {
+        let upstream = Upstream::new("u", &["http://a".to_owned()], &settings());
+        for _ in 0..3 {
+            assert!(matches!(upstream.admit(), Admission::Allowed));
+            upstream.record(false);
+        }
+        // Open for 0 s: the next request is the single probe, everyone else is shed.
+        assert!(matches!(upstream.admit(), Admission::Allowed));
+        assert!(matches!(upstream.admit(), Admission::Shed(_)));
+        upstream.record(true);
+        assert!(matches!(upstream.admit(), Admission::Allowed));
+    }
+
+    #[test]
+    fn retries_are_bounded_by_the_budget() {
+        let upstream = Upstream::new("u", &["http://a".to_owned()], &settings());
+        let spent = (0..100).filter(|_| upstream.withdraw_retry()).count();
+        assert_eq!(spent, 10, "the initial reserve");
+        for _ in 0..10 {
+            upstream.deposit_retry_budget();
+        }
+        assert_eq!((0..100).filter(|_| upstream.withdraw_retry()).count(), 5, "half a token per request");
+    }
+}
