@@ -134,11 +134,13 @@ enum Attempt {
     /// No connection could be made: safe to retry, even for writes.
     ConnectFailed(String),
     TooLarge,
+    TimedOut,
     Failed(String),
 }
 
 fn classify(error: SendRequestError) -> Attempt {
     match error {
+        SendRequestError::Timeout => Attempt::TimedOut,
         SendRequestError::Connect(
             ConnectError::Timeout | ConnectError::Io(_) | ConnectError::Resolver(_) | ConnectError::NoRecords,
         ) => Attempt::ConnectFailed(error.to_string()),
@@ -244,7 +246,7 @@ pub async fn proxy(
             request.send()
         };
         let attempt = match tokio::time::timeout_at(deadline.into(), sent).await {
-            Err(_) => break Attempt::Failed("timeout".to_owned()),
+            Err(_) => break Attempt::TimedOut,
             Ok(Ok(response)) => Attempt::Response(response),
             Ok(Err(error)) => classify(error),
         };
@@ -271,7 +273,7 @@ pub async fn proxy(
         Attempt::Response(response) => response.status().as_str().to_owned(),
         Attempt::ConnectFailed(_) => "connect_error".to_owned(),
         Attempt::TooLarge => "body_too_large".to_owned(),
-        Attempt::Failed(reason) if reason == "timeout" => "timeout".to_owned(),
+        Attempt::TimedOut => "timeout".to_owned(),
         Attempt::Failed(_) => "error".to_owned(),
     };
     metrics::counter!("gateway_upstream_requests_total", "upstream" => upstream.name.clone(), "status" => status_label)
@@ -301,7 +303,7 @@ pub async fn proxy(
                 &decision,
             ))
         }
-        Attempt::Failed(cause) if cause == "timeout" => {
+        Attempt::TimedOut => {
             upstream.record(false);
             tracing::warn!(upstream = %upstream.name, timeout_ms = route.timeout.as_millis() as u64, "upstream timed out");
             let problem =
@@ -342,5 +344,33 @@ fn relay(response: awc::ClientResponse, route: &Route, decision: &Decision) -> H
     match response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
         Some(length) => builder.body(SizedStream::new(length, response)),
         None => builder.streaming(response),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_including_those_named_in_connection_are_not_forwarded() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Custom-Hop"));
+        let listed = connection_tokens(&headers);
+        assert!(!forwardable(&HeaderName::from_static("x-custom-hop"), &listed));
+        for name in [
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "authorization",
+            "host",
+        ] {
+            assert!(!forwardable(&HeaderName::from_static(name), &listed), "{name}");
+        }
+        assert!(forwardable(&HeaderName::from_static("x-kept"), &listed));
+        assert!(forwardable(&header::CONTENT_TYPE, &listed));
     }
 }

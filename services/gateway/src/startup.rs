@@ -12,7 +12,7 @@ use observability::health::configure_health;
 use observability::metrics::{Metrics, configure_metrics};
 use observability::shutdown::{ShutdownSettings, serve_until_stopped};
 use observability::{HealthCheck, HealthRegistry, Observe, ServiceInfo, server};
-use problem::ProblemJson;
+use problem::{Problem, ProblemJson};
 
 use crate::auth::{Authenticator, KeysError};
 use crate::configuration::Settings;
@@ -98,6 +98,7 @@ impl Application {
             max_retries: settings.proxy.max_retries,
         });
         let connect_timeout = Duration::from_millis(settings.proxy.connect_timeout_ms);
+        let prefixes: Vec<String> = gateway.routes.iter().map(|r| r.prefix.clone()).collect();
 
         let (listener, port) = bind(settings.server.address())?;
         let server = HttpServer::new({
@@ -109,13 +110,19 @@ impl Application {
                     .disable_redirects()
                     .connector(awc::Connector::new().timeout(connect_timeout).limit(0))
                     .finish();
-                App::new()
+                let mut app = App::new()
                     .wrap(ProblemJson)
                     .wrap(Observe)
                     .app_data(gateway.clone())
                     .app_data(web::Data::new(client))
-                    .configure(configure_health(service.clone(), health.clone()))
-                    .default_service(web::to(proxy))
+                    .configure(configure_health(service.clone(), health.clone()));
+                // Real resources, so metrics label proxied requests by route, not `unmatched`.
+                for prefix in &prefixes {
+                    app = app
+                        .service(web::resource(prefix.as_str()).to(proxy))
+                        .service(web::resource(format!("{prefix}/{{rest:.*}}")).to(proxy));
+                }
+                app.default_service(web::to(|| async { Problem::not_found("no route matches this path") }))
             }
         });
         let server = server::configure(server, &settings.server, &settings.shutdown)
