@@ -56,6 +56,13 @@ const NOT_FORWARDED: [&str; 12] = [
     "x-request-id",
 ];
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
 fn forwardable(name: &HeaderName, connection: &[String]) -> bool {
     let name = name.as_str();
     !NOT_FORWARDED.contains(&name) && !connection.iter().any(|listed| listed == name)
@@ -74,20 +81,20 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
 
 fn rate_limit_headers(response: &mut HttpResponseBuilder, decision: &Decision) {
     response
-        .insert_header(("ratelimit-limit", decision.limit.to_string()))
-        .insert_header(("ratelimit-remaining", decision.remaining.to_string()))
-        .insert_header(("ratelimit-reset", decision.reset_secs.to_string()));
+        .insert_header((RATELIMIT_LIMIT, decision.limit.to_string()))
+        .insert_header((RATELIMIT_REMAINING, decision.remaining.to_string()))
+        .insert_header((RATELIMIT_RESET, decision.reset_secs.to_string()));
 }
 
 fn problem_with_limits(problem: Problem, decision: &Decision) -> HttpResponse {
     let mut response = HttpResponse::from_error(problem);
     for (name, value) in [
-        ("ratelimit-limit", decision.limit.to_string()),
-        ("ratelimit-remaining", decision.remaining.to_string()),
-        ("ratelimit-reset", decision.reset_secs.to_string()),
+        (RATELIMIT_LIMIT, decision.limit.to_string()),
+        (RATELIMIT_REMAINING, decision.remaining.to_string()),
+        (RATELIMIT_RESET, decision.reset_secs.to_string()),
     ] {
         if let Ok(value) = HeaderValue::from_str(&value) {
-            response.headers_mut().insert(HeaderName::from_static(name), value);
+            response.headers_mut().insert(name, value);
         }
     }
     response
@@ -203,7 +210,7 @@ pub async fn proxy(
         query => format!("{}{rest}?{query}", route.upstream_prefix),
     };
     let connection = connection_tokens(req.headers());
-    let forwarded_for = match (req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()), req.peer_addr()) {
+    let forwarded_for = match (req.headers().get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()), req.peer_addr()) {
         (Some(previous), Some(peer)) => format!("{previous}, {}", peer.ip()),
         (None, Some(peer)) => peer.ip().to_string(),
         (Some(previous), None) => previous.to_owned(),
@@ -232,10 +239,11 @@ pub async fn proxy(
             request = request.insert_header((name, value));
         }
         if !forwarded_for.is_empty() {
-            request = request.insert_header(("x-forwarded-for", forwarded_for.as_str()));
+            request = request.insert_header((X_FORWARDED_FOR, forwarded_for.as_str()));
         }
-        request =
-            request.insert_header(("x-forwarded-proto", "http")).insert_header(("x-forwarded-host", host.as_str()));
+        request = request
+            .insert_header((X_FORWARDED_PROTO, HeaderValue::from_static("http")))
+            .insert_header((X_FORWARDED_HOST, host.as_str()));
 
         let sent = if has_body {
             match body.take() {

@@ -2,13 +2,14 @@
 //!
 //! The limit is GCRA (a leaky bucket without a background refill), kept in Redis and
 //! evaluated by one Lua script with Redis's own clock, so all replicas draw from one bucket
-//! per key. If Redis cannot answer and `fail_open` is set, each replica enforces the key's
+//! per key. For fast keys a replica reserves a few requests per call (a lease, see
+//! [`lease_size`]) instead of one, so Redis is not asked on every request. If Redis cannot answer and `fail_open` is set, each replica enforces the key's
 //! limit on its own (governor) and keeps serving; with `fail_open` off it answers 503.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter as LocalLimiter, clock::DefaultClock, state::InMemoryState, state::NotKeyed};
@@ -20,21 +21,46 @@ use crate::auth::Client;
 use crate::configuration::RateLimitSettings;
 
 /// `KEYS[1]`: the key's theoretical arrival time (µs). `ARGV[1]`: µs per request,
-/// `ARGV[2]`: burst. Returns {allowed, retry after µs, µs until the bucket is full}.
+/// `ARGV[2]`: burst, `ARGV[3]`: how many requests to reserve at most. Takes as many as the
+/// bucket holds, up to that. Returns {granted, retry after µs, µs until the bucket is full}.
 const GCRA: &str = r"
 local interval = tonumber(ARGV[1])
 local tolerance = interval * tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if not tat or tat < now then tat = now end
-local new_tat = tat + interval
-if new_tat - tolerance > now then
-  return {0, new_tat - tolerance - now, tat - now}
+local available = math.floor((now + tolerance - tat) / interval)
+if available < 1 then
+  return {0, tat + interval - tolerance - now, tat - now}
 end
+local granted = math.min(available, wanted)
+local new_tat = tat + granted * interval
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return {1, 0, new_tat - now}
+return {granted, 0, new_tat - now}
 ";
+
+/// Reserved requests a replica may still admit without asking Redis. They were taken from
+/// the shared bucket when reserved, so leases never let the replicas together exceed the
+/// limit; an unused lease expires, which at worst admits a little less.
+struct Lease {
+    tokens: u32,
+    expires: Instant,
+    /// What Redis said when granting it, for the `RateLimit-*` headers.
+    remaining_after: u32,
+    reset_secs: u64,
+}
+
+/// How long a reservation stays usable.
+const LEASE_LIFETIME: Duration = Duration::from_millis(250);
+
+/// Requests reserved per Redis call: about 1/50 of the per-second rate (so a lease lasts
+/// about 20 ms at full rate), never more than a tenth of the burst, at least one. Slow keys
+/// (under 50 requests a second) are decided request by request.
+fn lease_size(client: &Client) -> u32 {
+    (client.rate_per_sec / 50).min(client.burst / 10).clamp(1, 100)
+}
 
 /// The outcome for one request, with what the `RateLimit-*` headers report.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +84,7 @@ pub struct RateLimiter {
     prefix: String,
     fail_open: bool,
     script: Script,
+    leases: Mutex<HashMap<Arc<str>, Lease>>,
     local: Mutex<HashMap<Arc<str>, Arc<Local>>>,
 }
 
@@ -75,6 +102,7 @@ impl RateLimiter {
             prefix: settings.key_prefix.clone(),
             fail_open: settings.fail_open,
             script: Script::new(GCRA),
+            leases: Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),
         })
     }
@@ -101,26 +129,58 @@ impl RateLimiter {
         Some(decision)
     }
 
+    fn take_leased(&self, client: &Client) -> Option<Decision> {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let lease = leases.get_mut(&client.key_id).filter(|l| l.tokens > 0 && l.expires > Instant::now())?;
+        lease.tokens -= 1;
+        Some(Decision {
+            allowed: true,
+            limit: client.burst,
+            remaining: lease.remaining_after + lease.tokens,
+            reset_secs: lease.reset_secs,
+            retry_after_secs: 0,
+            local: false,
+        })
+    }
+
     async fn shared(&self, client: &Client) -> Option<Decision> {
+        if let Some(decision) = self.take_leased(client) {
+            return Some(decision);
+        }
         if self.redis.bypassed() {
             return None;
         }
         let key = format!("{}{}", self.prefix, client.key_id);
         let interval_us = (1_000_000 / u64::from(client.rate_per_sec)).max(1);
+        let wanted = lease_size(client);
         let script = &self.script;
         let reply: (i64, i64, i64) = self
             .redis
-            .run("ratelimit", async |c| script.key(&key).arg(interval_us).arg(client.burst).invoke_async(c).await)
+            .run("ratelimit", async |c| {
+                script.key(&key).arg(interval_us).arg(client.burst).arg(wanted).invoke_async(c).await
+            })
             .await
             .ok()?;
-        let (allowed, retry_after_us, used_us) = reply;
+        let (granted, retry_after_us, used_us) = reply;
+        let granted = u32::try_from(granted).unwrap_or(0);
         let used_us = u64::try_from(used_us).unwrap_or(0);
         let capacity_us = interval_us * u64::from(client.burst);
+        let remaining = u32::try_from(capacity_us.saturating_sub(used_us) / interval_us).unwrap_or(0);
+        let reset_secs = used_us.div_ceil(1_000_000);
+        if granted > 1 {
+            let lease = Lease {
+                tokens: granted - 1,
+                expires: Instant::now() + LEASE_LIFETIME,
+                remaining_after: remaining,
+                reset_secs,
+            };
+            self.leases.lock().unwrap_or_else(|e| e.into_inner()).insert(client.key_id.clone(), lease);
+        }
         Some(Decision {
-            allowed: allowed == 1,
+            allowed: granted >= 1,
             limit: client.burst,
-            remaining: u32::try_from(capacity_us.saturating_sub(used_us) / interval_us).unwrap_or(0),
-            reset_secs: used_us.div_ceil(1_000_000),
+            remaining: remaining + granted.saturating_sub(1),
+            reset_secs,
             retry_after_secs: u64::try_from(retry_after_us).unwrap_or(0).div_ceil(1_000_000).max(1),
             local: false,
         })

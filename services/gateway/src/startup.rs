@@ -120,7 +120,7 @@ impl Application {
                 for prefix in &prefixes {
                     app = app
                         .service(web::resource(prefix.as_str()).to(proxy))
-                        .service(web::resource(format!("{prefix}/{{rest:.*}}")).to(proxy));
+                        .service(web::resource(format!("{prefix}/{{rest}}*")).to(proxy));
                 }
                 app.default_service(web::to(|| async { Problem::not_found("no route matches this path") }))
             }

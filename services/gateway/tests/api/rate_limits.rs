@@ -6,16 +6,26 @@ use crate::helpers::{Key, TestUpstream, assert_problem, free_port, gateway_setti
 
 #[tokio::test]
 async fn two_gateways_enforce_one_shared_limit() {
+    // Slow key: decided request by request.
+    shared_limit_holds(10, 20, 80).await;
+}
+
+#[tokio::test]
+async fn leases_never_let_two_gateways_exceed_a_fast_keys_limit() {
+    // Fast key: each gateway reserves several requests per Redis call.
+    shared_limit_holds(200, 60, 400).await;
+}
+
+async fn shared_limit_holds(rate: u32, burst: u32, requests: u32) {
     let upstream = TestUpstream::start();
     let key = Key::new();
     let prefix = format!("test:rl:{}:", unique());
-    let (rate, burst) = (10u32, 20u32);
     let first = spawn_gateway(gateway_settings(&upstream.address, &key, rate, burst, &prefix), key.clone()).await;
     let second = spawn_gateway(gateway_settings(&upstream.address, &key, rate, burst, &prefix), key.clone()).await;
 
     let started = Instant::now();
     let mut allowed = 0u32;
-    for i in 0..80 {
+    for i in 0..requests {
         let gateway = if i % 2 == 0 { &first } else { &second };
         let response = gateway.get("/api/v1/items/echo").send().await.unwrap();
         match response.status().as_u16() {
