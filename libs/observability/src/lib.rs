@@ -33,3 +33,26 @@ pub struct ServiceInfo {
     /// The deployment environment (`APP_ENV`): `local`, `test`, `production`, ...
     pub environment: String,
 }
+
+/// What every service's `main` does first, the same way.
+pub struct Started<S> {
+    pub settings: S,
+    pub service: ServiceInfo,
+    /// Keep it until the process ends: dropping it flushes the logs.
+    pub log_guard: telemetry::LogGuard,
+}
+
+/// Loads the settings with `load`, starts JSON logging at their level, and logs them (secrets
+/// are `SecretString`s: redacted) with the files they came from.
+pub fn start<S: std::fmt::Debug>(
+    name: &'static str,
+    version: &'static str,
+    load: impl FnOnce() -> Result<settings::Loaded<S>, settings::SettingsError>,
+    log_settings: impl FnOnce(&S) -> &telemetry::LogSettings,
+) -> Result<Started<S>, Box<dyn std::error::Error>> {
+    let loaded = load()?;
+    let service = ServiceInfo { name, version, environment: loaded.environment };
+    let log_guard = telemetry::init_stdout(&service, log_settings(&loaded.settings))?;
+    tracing::info!(files = ?loaded.files, settings = ?loaded.settings, "configuration loaded");
+    Ok(Started { settings: loaded.settings, service, log_guard })
+}

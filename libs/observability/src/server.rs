@@ -1,6 +1,7 @@
 //! The HTTP server settings every service shares.
 
 use std::fmt;
+use std::net::TcpListener;
 
 use actix_http::{Request, Response};
 use actix_service::IntoServiceFactory;
@@ -29,6 +30,21 @@ impl ServerSettings {
     pub fn worker_count(&self) -> usize {
         if self.workers == 0 { std::thread::available_parallelism().map_or(1, usize::from) } else { self.workers }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {source}")]
+pub struct ListenError {
+    pub address: String,
+    pub source: std::io::Error,
+}
+
+/// Binds `address` (port 0 picks a free port) and returns the listener with its real port.
+pub fn bind(address: &str) -> Result<(TcpListener, u16), ListenError> {
+    let error = |source| ListenError { address: address.to_owned(), source };
+    let listener = TcpListener::bind(address).map_err(error)?;
+    let port = listener.local_addr().map_err(error)?.port();
+    Ok((listener, port))
 }
 
 /// Worker count, a deep accept backlog, and the shutdown behaviour of [`crate::shutdown`]:

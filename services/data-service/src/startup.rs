@@ -1,7 +1,6 @@
 //! Building and running the service: `Application::build` binds (port 0 works: tests read
 //! the real port back) and `run_until_stopped` serves until a signal drains it.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +27,8 @@ pub enum StartupError {
     Cache(#[from] cache::CacheError),
     #[error(transparent)]
     Metrics(#[from] observability::metrics::MetricsError),
-    #[error("cannot listen on {address}: {source}")]
-    Listen { address: String, source: std::io::Error },
+    #[error(transparent)]
+    Listen(#[from] server::ListenError),
 }
 
 pub struct Application {
@@ -81,11 +80,7 @@ impl Application {
             web::Data::new(ItemsState { repository, cache, idempotency_ttl_secs: settings.idempotency.ttl_secs });
         let body_limit = settings.items.body_limit_bytes;
 
-        let address = settings.server.address();
-        let listener =
-            TcpListener::bind(&address).map_err(|source| StartupError::Listen { address: address.clone(), source })?;
-        let port =
-            listener.local_addr().map_err(|source| StartupError::Listen { address: address.clone(), source })?.port();
+        let (listener, port) = server::bind(&settings.server.address())?;
         let server = HttpServer::new({
             let health = health.clone();
             move || {
@@ -103,7 +98,7 @@ impl Application {
         });
         let server = server::configure(server, &settings.server, &settings.shutdown)
             .listen(listener)
-            .map_err(|source| StartupError::Listen { address, source })?
+            .map_err(|source| server::ListenError { address: settings.server.address(), source })?
             .run();
         tracing::info!(port, "data service listening");
         Ok(Self { port, server, health, shutdown: settings.shutdown })

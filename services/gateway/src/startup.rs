@@ -1,7 +1,6 @@
 //! Building and running the gateway: the public listener (the API, `/health`, `/ready`) and
 //! the admin listener (`/metrics`, `/health`, `/ready`).
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,8 +31,8 @@ pub enum StartupError {
     Redis(#[from] redis_access::RedisError),
     #[error(transparent)]
     Metrics(#[from] observability::metrics::MetricsError),
-    #[error("cannot listen on {address}: {source}")]
-    Listen { address: String, source: std::io::Error },
+    #[error(transparent)]
+    Listen(#[from] server::ListenError),
 }
 
 pub struct Application {
@@ -43,13 +42,6 @@ pub struct Application {
     admin: Server,
     health: HealthRegistry,
     shutdown: ShutdownSettings,
-}
-
-fn bind(address: String) -> Result<(TcpListener, u16), StartupError> {
-    let listener =
-        TcpListener::bind(&address).map_err(|source| StartupError::Listen { address: address.clone(), source })?;
-    let port = listener.local_addr().map_err(|source| StartupError::Listen { address, source })?.port();
-    Ok((listener, port))
 }
 
 impl Application {
@@ -100,7 +92,7 @@ impl Application {
         let connect_timeout = Duration::from_millis(settings.proxy.connect_timeout_ms);
         let prefixes: Vec<String> = gateway.routes.iter().map(|r| r.prefix.clone()).collect();
 
-        let (listener, port) = bind(settings.server.address())?;
+        let (listener, port) = server::bind(&settings.server.address())?;
         let server = HttpServer::new({
             let (service, health) = (service.clone(), health.clone());
             move || {
@@ -127,11 +119,11 @@ impl Application {
         });
         let server = server::configure(server, &settings.server, &settings.shutdown)
             .listen(listener)
-            .map_err(|source| StartupError::Listen { address: settings.server.address(), source })?
+            .map_err(|source| server::ListenError { address: settings.server.address(), source })?
             .run();
 
         let admin_address = format!("{}:{}", settings.admin.host, settings.admin.port);
-        let (admin_listener, admin_port) = bind(admin_address.clone())?;
+        let (admin_listener, admin_port) = server::bind(&admin_address)?;
         let admin = HttpServer::new({
             let health = health.clone();
             move || {
@@ -145,7 +137,7 @@ impl Application {
         .workers(1)
         .disable_signals()
         .listen(admin_listener)
-        .map_err(|source| StartupError::Listen { address: admin_address, source })?
+        .map_err(|source| server::ListenError { address: admin_address, source })?
         .run();
         tracing::info!(port, admin_port, "gateway listening");
         Ok(Self { port, admin_port, server, admin, health, shutdown: settings.shutdown })
