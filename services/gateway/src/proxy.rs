@@ -290,7 +290,7 @@ pub async fn proxy(
     match outcome {
         Attempt::Response(response) => {
             upstream.record(!response.status().is_server_error());
-            Ok(relay(response, route, &decision))
+            Ok(relay(response, route, &decision).await)
         }
         Attempt::TooLarge => {
             // The upstream never saw the whole body; not its failure.
@@ -327,9 +327,13 @@ pub async fn proxy(
     }
 }
 
-/// The upstream's response, streamed back, with hop-by-hop headers dropped and `Location`
-/// rewritten to the public prefix.
-fn relay(response: awc::ClientResponse, route: &Route, decision: &Decision) -> HttpResponse {
+/// Bodies up to this size are read whole and sent with the head in one write; larger or
+/// unsized ones stream.
+const BUFFERED_BODY_LIMIT: u64 = 64 * 1024;
+
+/// The upstream's response, with hop-by-hop headers dropped and `Location` rewritten to the
+/// public prefix.
+async fn relay(mut response: awc::ClientResponse, route: &Route, decision: &Decision) -> HttpResponse {
     let connection = connection_tokens(response.headers());
     let mut builder = HttpResponse::build(response.status());
     for (name, value) in response.headers() {
@@ -348,8 +352,17 @@ fn relay(response: awc::ClientResponse, route: &Route, decision: &Decision) -> H
         }
     }
     rate_limit_headers(&mut builder, decision);
-    // Keep a known length (no chunked framing for the common small response).
-    match response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+    let length = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match length {
+        Some(length) if length <= BUFFERED_BODY_LIMIT => {
+            match response.body().limit(BUFFERED_BODY_LIMIT as usize).await {
+                Ok(body) => builder.body(body),
+                Err(error) => {
+                    tracing::warn!(%error, "upstream response body broke off");
+                    HttpResponse::from_error(Problem::new(StatusCode::BAD_GATEWAY, "the upstream response broke off"))
+                }
+            }
+        }
         Some(length) => builder.body(SizedStream::new(length, response)),
         None => builder.streaming(response),
     }
