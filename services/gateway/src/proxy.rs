@@ -19,6 +19,7 @@ use futures_util::Stream;
 use observability::middleware::record_client;
 use observability::request_id::propagation_headers;
 use problem::Problem;
+use sha2::{Digest, Sha256};
 
 use crate::auth::Authenticator;
 use crate::ratelimit::{Decision, RateLimiter};
@@ -62,6 +63,18 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Idempotency keys are the client's own namespace: two clients choosing the same key must
+/// not see each other's responses, so the key id goes in front (hashed when the result would
+/// pass the upstream's 255-character limit).
+fn scoped_idempotency_key(key_id: &str, value: &HeaderValue) -> HeaderValue {
+    let scoped = format!("{key_id}:{}", String::from_utf8_lossy(value.as_bytes()));
+    let scoped =
+        if scoped.len() <= 255 { scoped } else { format!("{key_id}:sha256:{:x}", Sha256::digest(value.as_bytes())) };
+    HeaderValue::from_str(&scoped).unwrap_or_else(|_| value.clone())
+}
 
 fn forwardable(name: &HeaderName, connection: &[String]) -> bool {
     let name = name.as_str();
@@ -231,7 +244,9 @@ pub async fn proxy(
             .request(req.method().clone(), format!("{}{target}", endpoint.base))
             .timeout(deadline.saturating_duration_since(Instant::now()));
         for (name, value) in req.headers() {
-            if forwardable(name, &connection) {
+            if name.as_str() == IDEMPOTENCY_KEY {
+                request = request.insert_header((name.clone(), scoped_idempotency_key(&caller.key_id, value)));
+            } else if forwardable(name, &connection) {
                 request = request.append_header((name.clone(), value.clone()));
             }
         }

@@ -161,3 +161,34 @@ async fn large_bodies_stream_through_and_the_limit_holds_while_streaming() {
         .unwrap();
     assert_problem(streamed, 413).await;
 }
+
+#[tokio::test]
+async fn idempotency_keys_are_scoped_to_the_client() {
+    let data = DataService::start().await;
+    let (first, second) = (Key::new(), Key::new());
+    let mut settings = gateway_settings(&data.address, &first, 1000, 1000, &unique());
+    let both = format!(
+        "[{},{}]",
+        first.config(1000, 1000).trim_matches(['[', ']']),
+        second.config(1000, 1000).trim_matches(['[', ']'])
+    );
+    settings.auth.keys = secrecy::SecretString::from(both);
+    let gateway = spawn_gateway(settings, first.clone()).await;
+    let post = |key: &Key, name: &str| {
+        gateway
+            .client
+            .post(gateway.url("/api/v1/items"))
+            .bearer_auth(&key.secret)
+            .header("Idempotency-Key", "same-key")
+            .json(&json!({"name": name}))
+            .send()
+    };
+    let a = post(&first, "from first").await.unwrap();
+    let b = post(&second, "from second").await.unwrap();
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (201, 201), "no cross-client conflict");
+    let (a, b): (Value, Value) = (a.json().await.unwrap(), b.json().await.unwrap());
+    assert_ne!(a["id"], b["id"]);
+    let replay = post(&first, "from first").await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.json::<Value>().await.unwrap()["id"], a["id"]);
+}
