@@ -46,6 +46,9 @@ pub struct Application {
 
 impl Application {
     pub fn build(settings: Settings, service: ServiceInfo) -> Result<Self, StartupError> {
+        // First: everything below may already set metrics (the breakers' initial state).
+        let metrics = Metrics::install(&service)?;
+        describe_metrics();
         let upstreams: Vec<Arc<Upstream>> = settings
             .upstreams
             .iter()
@@ -74,9 +77,6 @@ impl Application {
         let auth = Authenticator::from_settings(&settings.auth)?;
         tracing::info!(keys = auth.key_count(), routes = routes.len(), "configuration loaded");
         let limiter = RateLimiter::new(&settings.rate_limit)?;
-
-        let metrics = Metrics::install(&service)?;
-        describe_metrics();
         let checks: Vec<Arc<dyn HealthCheck>> = vec![
             Arc::new(RedisReachable(limiter.redis().clone())),
             Arc::new(UpstreamsReachable(upstreams.iter().flat_map(|u| u.endpoint_addresses()).collect())),

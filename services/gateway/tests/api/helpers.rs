@@ -156,6 +156,7 @@ impl TestUpstream {
                 .route("/v1/items/echo", web::to(echo))
                 .route("/v1/items/slow", web::get().to(slow))
                 .route("/v1/items/flaky", web::get().to(flaky))
+                .route("/v1/items/busy", web::to(busy))
         })
         .workers(1)
         .listen(listener)
@@ -198,6 +199,12 @@ async fn flaky(shared: Shared) -> HttpResponse {
     } else {
         HttpResponse::Ok().finish()
     }
+}
+
+/// Always 503: "not now".
+async fn busy(shared: Shared) -> HttpResponse {
+    shared.1.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::ServiceUnavailable().finish()
 }
 
 pub async fn assert_problem(response: reqwest::Response, status: u16) -> serde_json::Value {

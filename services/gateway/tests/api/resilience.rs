@@ -74,3 +74,45 @@ async fn the_circuit_opens_sheds_load_and_recovers() {
     }
     assert!(gateway.metrics().await.contains("gateway_circuit_state{upstream=\"data-service\"} 0"));
 }
+
+#[tokio::test]
+async fn only_idempotent_requests_are_retried_and_at_most_twice() {
+    let upstream = TestUpstream::start();
+    let key = Key::new();
+    let gateway = spawn_gateway(gateway_settings(&upstream.address, &key, 1000, 1000, &unique()), key.clone()).await;
+
+    let response = gateway.get("/api/v1/items/busy").send().await.unwrap();
+    assert_eq!(response.status(), 503, "the upstream's 503 after the retries");
+    assert_eq!(upstream.hits.load(Ordering::SeqCst), 3, "one try and two retries");
+
+    let response = gateway
+        .client
+        .post(gateway.url("/api/v1/items/busy"))
+        .bearer_auth(&key.secret)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(upstream.hits.load(Ordering::SeqCst), 4, "a POST is never retried");
+}
+
+#[tokio::test]
+async fn a_dead_endpoint_is_retried_around_and_ejected() {
+    let upstream = TestUpstream::start();
+    let key = Key::new();
+    let mut settings = gateway_settings(&upstream.address, &key, 1000, 1000, &unique());
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    settings.upstreams.get_mut("data-service").unwrap().urls = vec![dead, upstream.address.clone()];
+    let gateway = spawn_gateway(settings, key.clone()).await;
+
+    for _ in 0..10 {
+        assert_eq!(gateway.get("/api/v1/items/echo").send().await.unwrap().status(), 200);
+    }
+    assert_eq!(upstream.hits.load(Ordering::SeqCst), 10, "every request reached the live endpoint");
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("gateway_circuit_state{upstream=\"data-service\"} 0"),
+        "one dead endpoint does not open the breaker"
+    );
+}
