@@ -1,7 +1,5 @@
 //! The HTTP metrics: names, labels, the histogram, the gauge, and a clean exposition.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -128,15 +126,5 @@ async fn the_exposition_passes_promtool() {
     app.get("/nowhere").await;
     let text = app.metrics_text().await;
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is required (Debian package `prometheus`; scripts/test installs it)");
-    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    let findings = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success() && findings.trim().is_empty(), "promtool: {findings}\n{text}");
+    test_support::assert_promtool_accepts(&text);
 }

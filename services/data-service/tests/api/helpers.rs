@@ -2,7 +2,6 @@
 //! machine's Postgres and its own key prefix in Redis; both removed when the app is dropped.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::LazyLock;
 
 use data_service::configuration::{self, Settings};
@@ -69,17 +68,8 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         // Leave nothing behind: the database (open connections included) and cache keys.
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-q", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
-            .output();
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "redis-cli -h 127.0.0.1 --scan --pattern '{}*' | xargs -r redis-cli -h 127.0.0.1 del",
-                self.key_prefix
-            ))
-            .output();
+        test_support::drop_database(&self.database);
+        test_support::delete_redis_keys(&self.key_prefix);
     }
 }
 

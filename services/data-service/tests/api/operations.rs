@@ -1,8 +1,5 @@
 //! The operational surface: OpenAPI document, metrics, health.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use serde_json::{Value, json};
 
 use crate::helpers::{metric_sum, spawn_app};
@@ -57,17 +54,7 @@ async fn service_metrics_are_exported_and_pass_promtool() {
         1.0
     );
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is required (Debian package prometheus; scripts/test installs it)");
-    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    let findings = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success() && findings.trim().is_empty(), "{findings}");
+    test_support::assert_promtool_accepts(&text);
 }
 
 #[tokio::test]

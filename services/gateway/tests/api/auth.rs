@@ -26,6 +26,7 @@ async fn requests_without_a_valid_key_get_401_with_www_authenticate() {
     let metrics = gateway.metrics().await;
     assert!(metrics.contains("gateway_auth_failures_total{reason=\"missing\"} 1"), "{metrics}");
     assert!(metrics.contains("gateway_auth_failures_total{reason=\"unknown\"} 1"));
+    test_support::assert_promtool_accepts(&metrics);
 
     // The key id is logged with the request; the key itself never is.
     let text = LOGS.text();

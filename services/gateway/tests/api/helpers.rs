@@ -2,7 +2,6 @@
 //! or a test upstream whose behaviour a test controls.
 
 use std::net::TcpListener;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -121,17 +120,8 @@ impl DataService {
 
 impl Drop for DataService {
     fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-q", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
-            .output();
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "redis-cli -h 127.0.0.1 --scan --pattern '{}:*' | xargs -r redis-cli -h 127.0.0.1 del",
-                self.database
-            ))
-            .output();
+        test_support::drop_database(&self.database);
+        test_support::delete_redis_keys(&format!("{}:", self.database));
     }
 }
 

@@ -51,10 +51,7 @@ async fn shared_limit_holds(rate: u32, burst: u32, requests: u32) {
         "{metrics}"
     );
 
-    let _ = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("redis-cli -h 127.0.0.1 --scan --pattern '{prefix}*' | xargs -r redis-cli -h 127.0.0.1 del"))
-        .output();
+    test_support::delete_redis_keys(&prefix);
 }
 
 #[tokio::test]
