@@ -92,25 +92,31 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
+/// The `RateLimit-*` headers every response carries.
+fn rate_limit_header_values(decision: &Decision) -> [(HeaderName, HeaderValue); 3] {
+    [
+        (RATELIMIT_LIMIT, HeaderValue::from(decision.limit)),
+        (RATELIMIT_REMAINING, HeaderValue::from(decision.remaining)),
+        (RATELIMIT_RESET, HeaderValue::from(decision.reset_secs)),
+    ]
+}
+
 fn rate_limit_headers(response: &mut HttpResponseBuilder, decision: &Decision) {
-    response
-        .insert_header((RATELIMIT_LIMIT, decision.limit.to_string()))
-        .insert_header((RATELIMIT_REMAINING, decision.remaining.to_string()))
-        .insert_header((RATELIMIT_RESET, decision.reset_secs.to_string()));
+    for header in rate_limit_header_values(decision) {
+        response.insert_header(header);
+    }
 }
 
 fn problem_with_limits(problem: Problem, decision: &Decision) -> HttpResponse {
     let mut response = HttpResponse::from_error(problem);
-    for (name, value) in [
-        (RATELIMIT_LIMIT, decision.limit.to_string()),
-        (RATELIMIT_REMAINING, decision.remaining.to_string()),
-        (RATELIMIT_RESET, decision.reset_secs.to_string()),
-    ] {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            response.headers_mut().insert(name, value);
-        }
+    for (name, value) in rate_limit_header_values(decision) {
+        response.headers_mut().insert(name, value);
     }
     response
+}
+
+fn body_too_large(limit: u64) -> Problem {
+    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request bodies are limited to {limit} bytes"))
 }
 
 /// Fails the stream once more than `limit` bytes have passed, so an oversized body is
@@ -197,13 +203,7 @@ pub async fn proxy(
 
     let declared_length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared_length.is_some_and(|length| length > gateway.body_limit) {
-        return Ok(problem_with_limits(
-            Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request bodies are limited to {} bytes", gateway.body_limit),
-            ),
-            &decision,
-        ));
+        return Ok(problem_with_limits(body_too_large(gateway.body_limit), &decision));
     }
     let has_body = declared_length.is_some_and(|l| l > 0) || req.headers().contains_key(header::TRANSFER_ENCODING);
 
@@ -310,13 +310,7 @@ pub async fn proxy(
         Attempt::TooLarge => {
             // The upstream never saw the whole body; not its failure.
             upstream.record(true);
-            Ok(problem_with_limits(
-                Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request bodies are limited to {} bytes", gateway.body_limit),
-                ),
-                &decision,
-            ))
+            Ok(problem_with_limits(body_too_large(gateway.body_limit), &decision))
         }
         Attempt::ConnectFailed(cause) => {
             upstream.record(false);
