@@ -1,6 +1,7 @@
 //! What every Stackline service needs to be operable, wired the same way in each:
 //!
-//! - [`telemetry`]: JSON (bunyan) logs on stdout, level from `RUST_LOG`.
+//! - [`telemetry`]: JSON (bunyan) logs on stdout, level from `RUST_LOG`, written in batches
+//!   by [`batched_writer`].
 //! - [`middleware::Observe`]: one actix middleware that assigns the request id, opens the
 //!   request's root span, records the HTTP metrics and writes one access-log line.
 //! - [`request_id`]: the [`RequestId`] extractor and the headers to propagate downstream.
@@ -12,6 +13,7 @@
 //!
 //! `examples/demo.rs` shows the whole wiring.
 
+pub mod batched_writer;
 pub mod health;
 pub mod metrics;
 pub mod middleware;

@@ -1,7 +1,9 @@
 //! The process-wide Prometheus recorder, the standard HTTP metric names and the exposition
 //! handler.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
@@ -30,6 +32,34 @@ static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 #[derive(Debug, thiserror::Error)]
 #[error("cannot install the metrics recorder: {0}")]
 pub struct MetricsError(String);
+
+/// Metric handles cached by their varying label values. Looking a handle up in the registry
+/// hashes and allocates the whole label set; on a per-request path, resolve it once here.
+/// Label values must come from a bounded set, as for any metric.
+pub struct HandleCache<K, H> {
+    handles: RwLock<HashMap<K, H>>,
+}
+
+impl<K: Hash + Eq + Clone, H: Clone> HandleCache<K, H> {
+    pub fn new() -> Self {
+        Self { handles: RwLock::new(HashMap::new()) }
+    }
+
+    /// The handle for `key`, registered with `register` the first time.
+    pub fn get(&self, key: &K, register: impl FnOnce(&K) -> H) -> H {
+        if let Some(handle) = self.handles.read().unwrap_or_else(PoisonError::into_inner).get(key) {
+            return handle.clone();
+        }
+        let mut handles = self.handles.write().unwrap_or_else(PoisonError::into_inner);
+        handles.entry(key.clone()).or_insert_with(|| register(key)).clone()
+    }
+}
+
+impl<K: Hash + Eq + Clone, H: Clone> Default for HandleCache<K, H> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Refreshes gauges that are read rather than counted (pool sizes, queue lengths).
 pub type Collector = Arc<dyn Fn() + Send + Sync>;

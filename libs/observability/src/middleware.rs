@@ -247,7 +247,7 @@ impl Drop for InFlight {
 }
 
 /// Status codes as static label values, interned once: there are at most 900 of them.
-fn status_label(status: StatusCode) -> &'static str {
+pub fn status_label(status: StatusCode) -> &'static str {
     static LABELS: OnceLock<Vec<&'static str>> = OnceLock::new();
     let labels = LABELS.get_or_init(|| (100..1000u16).map(|code| &*code.to_string().leak()).collect());
     labels.get(usize::from(status.as_u16()).saturating_sub(100)).copied().unwrap_or("other")

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use tracing::{Event, Subscriber};
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_bunyan_formatter::{BunyanFormattingLayer, JsonStorageLayer};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -15,6 +14,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::ServiceInfo;
+use crate::batched_writer::{BatchedWriter, BatchedWriterGuard};
 
 /// Target of the per-request root span. It is always enabled, whatever `RUST_LOG` says, so
 /// that its fields (`request_id` first of all) reach every line logged while serving a
@@ -34,18 +34,21 @@ pub struct LogSettings {
 pub enum LoggingError {
     #[error("invalid log filter {filter:?} (from {source_name}): {reason}")]
     InvalidFilter { filter: String, source_name: &'static str, reason: String },
+    #[error("cannot start the log writer thread: {0}")]
+    WriterThread(io::Error),
 }
 
 /// Keeps the background log writer alive; dropping it flushes what is still queued.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
-    _writer: Option<WorkerGuard>,
+    _writer: Option<BatchedWriterGuard>,
 }
 
 /// Logs to stdout through a background writer thread, so a slow terminal or pipe never
-/// blocks a request. Lines are never dropped: when the queue is full, callers wait.
+/// blocks a request. Lines are never dropped: when too much is queued, callers wait. Lines
+/// reach stdout in batches, at most a few milliseconds after they were logged.
 pub fn init_stdout(service: &ServiceInfo, settings: &LogSettings) -> Result<LogGuard, LoggingError> {
-    let (writer, guard) = NonBlockingBuilder::default().lossy(false).thread_name("log-writer").finish(io::stdout());
+    let (writer, guard) = BatchedWriter::spawn(io::stdout()).map_err(LoggingError::WriterThread)?;
     let installed = init(service, settings, writer)?;
     // If logging was already set up, this writer is unused: let its thread go.
     Ok(LogGuard { _writer: installed.then_some(guard) })

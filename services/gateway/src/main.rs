@@ -1,5 +1,10 @@
 use std::process::ExitCode;
 
+// Per-request allocation dominates glibc malloc time under load; mimalloc's thread-local
+// free lists roughly halve it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     if let Some(argument) = std::env::args().nth(1) {
         eprintln!(

@@ -10,13 +10,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use actix_web::body::SizedStream;
+use actix_web::dev::{AppService, HttpServiceFactory, ResourceDef};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::web::{Bytes, Payload};
 use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use awc::error::{ConnectError, SendRequestError};
 use futures_util::Stream;
-use observability::middleware::record_client;
+use observability::middleware::{record_client, status_label};
 use observability::request_id::propagation_headers;
 use problem::Problem;
 use sha2::{Digest, Sha256};
@@ -38,6 +39,19 @@ pub struct Gateway {
     pub limiter: RateLimiter,
     pub body_limit: u64,
     pub max_retries: u32,
+}
+
+/// Every path under `prefix` (and `prefix` itself), routed to [`proxy`].
+///
+/// A prefix resource matches by plain string comparison; the equivalent `{prefix}/{rest}*`
+/// resource compiles to a regex, which cost about 8% of the gateway's CPU (routing plus the
+/// metrics middleware's route lookup). Metrics and logs label these requests `prefix`.
+pub struct PrefixRoute(pub String);
+
+impl HttpServiceFactory for PrefixRoute {
+    fn register(self, config: &mut AppService) {
+        config.register_service(ResourceDef::prefix(self.0), None, web::to(proxy), None);
+    }
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus those the
@@ -209,8 +223,7 @@ pub async fn proxy(
 
     let upstream = &route.upstream;
     if let Admission::Shed(retry_after) = upstream.admit() {
-        metrics::counter!("gateway_upstream_requests_total", "upstream" => upstream.name.clone(), "status" => "shed")
-            .increment(1);
+        upstream.count("shed", None);
         let problem =
             Problem::unavailable(format!("upstream {} is unavailable (circuit open)", upstream.name), retry_after);
         return Ok(problem_with_limits(problem, &decision));
@@ -240,9 +253,7 @@ pub async fn proxy(
         let Some(endpoint) = upstream.pick() else {
             break Attempt::ConnectFailed("no endpoints configured".to_owned());
         };
-        let mut request = client
-            .request(req.method().clone(), format!("{}{target}", endpoint.base))
-            .timeout(deadline.saturating_duration_since(Instant::now()));
+        let mut request = client.request(req.method().clone(), format!("{}{target}", endpoint.base));
         for (name, value) in req.headers() {
             if name.as_str() == IDEMPOTENCY_KEY {
                 request = request.insert_header((name.clone(), scoped_idempotency_key(&caller.key_id, value)));
@@ -290,17 +301,14 @@ pub async fn proxy(
         tokio::time::sleep_until(Instant::now().checked_add(backoff).unwrap_or(deadline).min(deadline).into()).await;
     };
 
-    let elapsed = started.elapsed().as_secs_f64();
-    metrics::histogram!("gateway_upstream_duration_seconds", "upstream" => upstream.name.clone()).record(elapsed);
-    let status_label = match &outcome {
-        Attempt::Response(response) => response.status().as_str().to_owned(),
-        Attempt::ConnectFailed(_) => "connect_error".to_owned(),
-        Attempt::TooLarge => "body_too_large".to_owned(),
-        Attempt::TimedOut => "timeout".to_owned(),
-        Attempt::Failed(_) => "error".to_owned(),
+    let outcome_label = match &outcome {
+        Attempt::Response(response) => status_label(response.status()),
+        Attempt::ConnectFailed(_) => "connect_error",
+        Attempt::TooLarge => "body_too_large",
+        Attempt::TimedOut => "timeout",
+        Attempt::Failed(_) => "error",
     };
-    metrics::counter!("gateway_upstream_requests_total", "upstream" => upstream.name.clone(), "status" => status_label)
-        .increment(1);
+    upstream.count(outcome_label, Some(started.elapsed()));
 
     match outcome {
         Attempt::Response(response) => {

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter as LocalLimiter, clock::DefaultClock, state::InMemoryState, state::NotKeyed};
+use metrics::Counter;
+use observability::metrics::HandleCache;
 use redis_access::redis::Script;
 use redis_access::{Redis, RedisError, RedisSettings};
 use secrecy::ExposeSecret;
@@ -86,6 +88,8 @@ pub struct RateLimiter {
     script: Script,
     leases: Mutex<HashMap<Arc<str>, Lease>>,
     local: Mutex<HashMap<Arc<str>, Arc<Local>>>,
+    /// `gateway_ratelimit_decisions_total` by key id and decision.
+    decisions: HandleCache<(Arc<str>, &'static str), Counter>,
 }
 
 impl RateLimiter {
@@ -104,6 +108,7 @@ impl RateLimiter {
             script: Script::new(GCRA),
             leases: Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),
+            decisions: HandleCache::new(),
         })
     }
 
@@ -124,7 +129,10 @@ impl RateLimiter {
             (true, true) => "allowed_local",
             (false, true) => "limited_local",
         };
-        metrics::counter!("gateway_ratelimit_decisions_total", "key_id" => client.key_id.to_string(), "decision" => label)
+        self.decisions
+            .get(&(client.key_id.clone(), label), |(key_id, decision)| {
+                metrics::counter!("gateway_ratelimit_decisions_total", "key_id" => key_id.to_string(), "decision" => *decision)
+            })
             .increment(1);
         Some(decision)
     }

@@ -15,7 +15,7 @@ use problem::{Problem, ProblemJson};
 
 use crate::auth::{Authenticator, KeysError};
 use crate::configuration::Settings;
-use crate::proxy::{Gateway, Route, proxy};
+use crate::proxy::{Gateway, PrefixRoute, Route};
 use crate::ratelimit::RateLimiter;
 use crate::upstream::Upstream;
 
@@ -25,6 +25,8 @@ pub enum StartupError {
     Keys(#[from] KeysError),
     #[error("route {prefix}: unknown upstream {upstream:?}")]
     UnknownUpstream { prefix: String, upstream: String },
+    #[error("route prefix {0:?}: must start with '/' and hold no '{{' or '}}'")]
+    InvalidPrefix(String),
     #[error("upstream {0}: no urls")]
     EmptyUpstream(String),
     #[error("rate_limit.redis_url: {0}")]
@@ -63,6 +65,9 @@ impl Application {
             .routes
             .iter()
             .map(|route| {
+                if !route.prefix.starts_with('/') || route.prefix.contains(['{', '}']) {
+                    return Err(StartupError::InvalidPrefix(route.prefix.clone()));
+                }
                 let upstream = upstreams.iter().find(|u| u.name == route.upstream).cloned().ok_or_else(|| {
                     StartupError::UnknownUpstream { prefix: route.prefix.clone(), upstream: route.upstream.clone() }
                 })?;
@@ -96,10 +101,12 @@ impl Application {
         let server = HttpServer::new({
             let (service, health) = (service.clone(), health.clone());
             move || {
-                // One pooled keep-alive client per worker thread.
+                // One pooled keep-alive client per worker thread. The proxy bounds each
+                // attempt by the route's deadline itself: a second timer per request is waste.
                 let client = awc::Client::builder()
                     .no_default_headers()
                     .disable_redirects()
+                    .disable_timeout()
                     .connector(awc::Connector::new().timeout(connect_timeout).limit(0))
                     .finish();
                 let mut app = App::new()
@@ -110,9 +117,7 @@ impl Application {
                     .configure(configure_health(service.clone(), health.clone()));
                 // Real resources, so metrics label proxied requests by route, not `unmatched`.
                 for prefix in &prefixes {
-                    app = app
-                        .service(web::resource(prefix.as_str()).to(proxy))
-                        .service(web::resource(format!("{prefix}/{{rest}}*")).to(proxy));
+                    app = app.service(PrefixRoute(prefix.clone()));
                 }
                 app.default_service(web::to(|| async { Problem::not_found("no route matches this path") }))
             }

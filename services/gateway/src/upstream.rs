@@ -5,6 +5,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use metrics::{Counter, Histogram};
+use observability::metrics::HandleCache;
+
 use crate::configuration::ProxySettings;
 
 pub struct Endpoint {
@@ -36,6 +39,9 @@ pub struct Upstream {
     /// Retry tokens, in thousandths: each request deposits `ratio`, each retry costs one.
     retry_tokens_milli: AtomicU64,
     retry_deposit_milli: u64,
+    duration: Histogram,
+    /// `gateway_upstream_requests_total` by outcome (a status code or a failure kind).
+    requests: HandleCache<&'static str, Counter>,
 }
 
 /// Permission to send a request through the breaker.
@@ -63,6 +69,8 @@ impl Upstream {
             eject_for: Duration::from_secs(settings.eject_secs),
             retry_tokens_milli: AtomicU64::new(MAX_RETRY_TOKENS_MILLI),
             retry_deposit_milli: (settings.retry_budget_ratio.clamp(0.0, 1.0) * 1000.0) as u64,
+            duration: metrics::histogram!("gateway_upstream_duration_seconds", "upstream" => name.to_owned()),
+            requests: HandleCache::new(),
         };
         upstream.publish_state(BreakerState::Closed { failures: 0 });
         upstream
@@ -138,6 +146,19 @@ impl Upstream {
             BreakerState::HalfOpen => 2.0,
         };
         metrics::gauge!("gateway_circuit_state", "upstream" => self.name.clone()).set(value);
+    }
+
+    /// Counts one forwarded (or shed) request by `outcome`, and how long it took when it was
+    /// sent.
+    pub fn count(&self, outcome: &'static str, elapsed: Option<Duration>) {
+        self.requests
+            .get(&outcome, |outcome| {
+                metrics::counter!("gateway_upstream_requests_total", "upstream" => self.name.clone(), "status" => *outcome)
+            })
+            .increment(1);
+        if let Some(elapsed) = elapsed {
+            self.duration.record(elapsed.as_secs_f64());
+        }
     }
 
     /// Every request adds a fraction of a retry token (up to a cap).

@@ -61,6 +61,10 @@ async fn the_items_contract_works_through_the_gateway() {
     assert_eq!(deleted.status(), 204);
     assert_problem(gateway.get(&location).send().await.unwrap(), 404).await;
     assert_problem(gateway.get("/elsewhere").send().await.unwrap(), 404).await;
+    // A route prefix matches whole path segments only.
+    let beside = gateway.get("/api/v1/itemsx").send().await.unwrap();
+    assert!(!beside.headers().contains_key("ratelimit-limit"), "not proxied");
+    assert_problem(beside, 404).await;
 }
 
 #[tokio::test]
@@ -191,4 +195,15 @@ async fn idempotency_keys_are_scoped_to_the_client() {
     let replay = post(&first, "from first").await.unwrap();
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(replay.json::<Value>().await.unwrap()["id"], a["id"]);
+}
+
+#[test]
+fn a_route_prefix_with_a_pattern_is_refused_at_start() {
+    let mut settings = gateway_settings("http://127.0.0.1:1", &Key::new(), 10, 10, &unique());
+    settings.routes[0].prefix = "/api/{version}/items".to_owned();
+    let service = observability::ServiceInfo { name: "gateway", version: "test", environment: "test".to_owned() };
+    match gateway::startup::Application::build(settings, service) {
+        Err(error) => assert!(error.to_string().contains("/api/{version}/items"), "{error}"),
+        Ok(_) => panic!("a prefix with a pattern must be refused"),
+    }
 }
