@@ -7,6 +7,7 @@
 //! - [`request_id`]: the [`RequestId`] extractor and the headers to propagate downstream.
 //! - [`metrics`]: the Prometheus recorder, process metrics and the `/metrics` handler.
 //! - [`health`]: the [`HealthCheck`] trait, the registry behind `/health` and `/ready`.
+//! - [`healthcheck`]: the `healthcheck` subcommand container health checks run.
 //! - [`shutdown`]: SIGTERM/SIGINT -> not ready -> drain delay -> graceful stop.
 //! - [`settings`]: layered configuration with one-line errors.
 //! - [`server`]: the HTTP server tuning every service shares.
@@ -15,6 +16,7 @@
 
 pub mod batched_writer;
 pub mod health;
+pub mod healthcheck;
 pub mod metrics;
 pub mod middleware;
 pub mod request_id;

@@ -1,10 +1,13 @@
 //! Liveness never looks at dependencies; readiness runs the checks and drains.
 
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use observability::HealthCheck;
+use observability::healthcheck::{ProbeError, probe};
+use observability::server::ServerSettings;
 use serde_json::Value;
 
 use crate::helpers::{spawn_app, spawn_app_with_checks};
@@ -117,4 +120,41 @@ async fn draining_turns_readiness_503_but_not_liveness() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], "draining");
     assert_eq!(app.get("/health").await.status(), 200);
+}
+
+fn server_on(address: &str) -> ServerSettings {
+    let (host, port) = address.trim_start_matches("http://").rsplit_once(':').unwrap();
+    ServerSettings { host: host.to_owned(), port: port.parse().unwrap(), workers: 1 }
+}
+
+#[tokio::test]
+async fn the_healthcheck_probe_passes_on_a_live_service_also_when_it_listens_on_every_address() {
+    let app = spawn_app().await;
+    let server = server_on(&app.address);
+    tokio::task::spawn_blocking(move || {
+        probe(&server).expect("healthy");
+        probe(&ServerSettings { host: "0.0.0.0".to_owned(), ..server }).expect("wildcard means loopback");
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn the_healthcheck_probe_fails_on_a_closed_port_and_on_any_status_but_200() {
+    // A port that was just free: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let error = probe(&server_on(&closed.to_string())).unwrap_err();
+    assert!(matches!(error, ProbeError::Io { .. }), "{error}");
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = stream.read(&mut request).unwrap();
+        stream.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").unwrap();
+    });
+    let error = probe(&server_on(&address.to_string())).unwrap_err();
+    assert!(error.to_string().contains("503"), "{error}");
+    server.join().unwrap();
 }
