@@ -3,6 +3,16 @@
 
 log() { printf '==> %s\n' "$*" >&2; }
 
+# The documented development key (its SHA-256 is in the gateway's base configuration and in
+# compose/dev-secrets/api-keys.json); for local use only.
+DEV_API_KEY=stackline-dev-key
+export DEV_API_KEY
+
+# True when a Docker engine answers (the docker client alone is not enough).
+docker_engine_answers() {
+  command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1
+}
+
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
@@ -45,10 +55,13 @@ ensure_redis() {
   wait_until 30 redis-cli -h 127.0.0.1 -p 6379 ping || { log "Redis did not start"; return 1; }
 }
 
-# ensure_python_tool VENV PACKAGE VERSION: a pinned PyPI tool in its own virtualenv.
+# ensure_python_tool VENV PACKAGE VERSION [COMMAND]: a pinned PyPI tool in a virtualenv;
+# COMMAND is the executable it installs when not named after the package.
 ensure_python_tool() {
-  local venv="$1" package="$2" version="$3"
-  if [ -x "$venv/bin/$package" ] && "$venv/bin/$package" --version 2>/dev/null | grep -q "$version"; then return 0; fi
+  local venv="$1" package="$2" version="$3" command="${4:-$2}"
+  if [ -x "$venv/bin/$command" ] && "$venv/bin/pip" show "$package" 2>/dev/null | grep -qx "Version: $version"; then
+    return 0
+  fi
   log "installing $package $version into $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "$package==$version"

@@ -28,6 +28,8 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: SecretString,
+    /// A file holding the password (a mounted secret); empty: the password, if any, is in `url`.
+    pub password_file: String,
     pub create_database: bool,
     pub migrate_on_start: bool,
     pub pool_size: usize,

@@ -65,6 +65,12 @@ fn pg_config(settings: &DatabaseSettings) -> Result<tokio_postgres::Config, DbEr
         .expose_secret()
         .parse()
         .map_err(|e| DbError::Failed(format!("database.url is not a valid Postgres URL: {e}")))?;
+    if !settings.password_file.is_empty() {
+        let password = std::fs::read_to_string(&settings.password_file).map_err(|e| {
+            DbError::Failed(format!("cannot read database.password_file {}: {e}", settings.password_file))
+        })?;
+        config.password(password.trim_end_matches(['\r', '\n']));
+    }
     config
         .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
         .keepalives(true)

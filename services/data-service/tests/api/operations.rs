@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{metric_sum, spawn_app};
+use crate::helpers::{metric_sum, spawn_app, spawn_app_with, test_settings};
 
 #[tokio::test]
 async fn openapi_documents_every_operation_and_status() {
@@ -87,4 +87,24 @@ async fn the_healthcheck_subcommand_reports_whether_the_service_answers() {
     assert_eq!(live, Some(0));
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
     assert_eq!(tokio::task::spawn_blocking(move || healthcheck_exit_code(&closed)).await.unwrap(), Some(1));
+}
+
+#[tokio::test]
+async fn the_database_password_can_come_from_a_file_and_a_missing_file_is_a_clear_error() {
+    let file = std::env::temp_dir().join(format!("stackline-test-password-{}", uuid::Uuid::new_v4().simple()));
+    // The test server trusts local connections, so any password works; the file must be read.
+    std::fs::write(&file, "not-a-real-password\n").unwrap();
+    let mut settings = test_settings();
+    settings.database.password_file = file.display().to_string();
+    let app = spawn_app_with(settings).await;
+    assert_eq!(app.get("/ready").await.status(), 200);
+    std::fs::remove_file(&file).unwrap();
+
+    let mut settings = test_settings();
+    settings.database.password_file = file.display().to_string();
+    let service = observability::ServiceInfo { name: "data-service", version: "test", environment: "test".to_owned() };
+    match data_service::startup::Application::build(settings, service).await {
+        Err(error) => assert!(error.to_string().contains("database.password_file"), "{error}"),
+        Ok(_) => panic!("an unreadable password file must stop the start"),
+    }
 }
