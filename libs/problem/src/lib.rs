@@ -8,15 +8,21 @@
 //! other error response (actix's own 404/405/413/415, extractor errors, errors raised by
 //! middleware, bare error statuses), adding the request id. Server errors that are not a [`Problem`] never show
 //! their cause to the client: it stays on the response for the access log.
+//!
+//! A handler that panics answers 500 like any other server error, instead of dropping the
+//! connection; the panic message goes to the access log, and the worker keeps serving.
 
+use std::any::Any;
 use std::fmt;
 use std::future::{Ready, ready};
+use std::panic::AssertUnwindSafe;
 
 use actix_web::body::{BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{Error, HttpMessage, HttpRequest, HttpResponse, Responder, ResponseError};
+use futures_util::FutureExt;
 use futures_util::future::LocalBoxFuture;
 use observability::RequestId;
 use serde::{Deserialize, Serialize};
@@ -205,9 +211,14 @@ where
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let request_id = req.extensions().get::<RequestId>().cloned();
-        let response = self.service.call(req);
+        // A panic while building the handler's future or while polling it.
+        let response = std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(req)));
         Box::pin(async move {
-            match response.await {
+            let outcome = match response {
+                Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+                Err(payload) => Err(payload),
+            };
+            match outcome.unwrap_or_else(|payload| Err(Panicked::from_payload(payload).into())) {
                 Ok(response) if needs_rendering(&response) => {
                     let problem = problem_for(response.status(), response.response().error());
                     let body = problem.to_json(request_id.as_ref());
@@ -226,6 +237,28 @@ where
         })
     }
 }
+
+/// A handler panicked; its message is the internal cause (logged, never sent).
+#[derive(Debug)]
+struct Panicked(String);
+
+impl Panicked {
+    fn from_payload(payload: Box<dyn Any + Send>) -> Self {
+        let message = match payload.downcast::<String>() {
+            Ok(message) => *message,
+            Err(payload) => payload.downcast_ref::<&str>().map_or("(no message)", |m| m).to_owned(),
+        };
+        Self(message)
+    }
+}
+
+impl fmt::Display for Panicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "handler panicked: {}", self.0)
+    }
+}
+
+impl ResponseError for Panicked {}
 
 /// Error responses made from an error, or with no content type. A handler that built its
 /// own typed error body on purpose (readiness' 503 report) keeps it.
@@ -259,5 +292,48 @@ impl ResponseError for Rendered {
         let mut response = self.problem.error_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         response.set_body(BoxBody::new(self.body.clone()))
+    }
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use actix_web::{App, test, web};
+
+    use super::*;
+
+    async fn panics_while_polled() -> &'static str {
+        panic!("broken invariant")
+    }
+
+    fn panics_while_called() -> Ready<&'static str> {
+        panic!("before any future")
+    }
+
+    #[actix_web::test]
+    async fn a_panicking_handler_answers_500_problem_and_the_app_keeps_serving() {
+        let app = test::init_service(
+            App::new()
+                .wrap(ProblemJson)
+                .route("/while-polled", web::get().to(panics_while_polled))
+                .route("/while-called", web::get().to(panics_while_called))
+                .route("/fine", web::get().to(|| async { "fine" })),
+        )
+        .await;
+        for path in ["/while-polled", "/while-called"] {
+            // The middleware hands actix an error, which actix renders as the response.
+            let error = test::try_call_service(&app, test::TestRequest::get().uri(path).to_request())
+                .await
+                .expect_err("a panic is an error response");
+            assert!(error.to_string().contains("handler panicked"), "{path}: the cause stays for the log: {error}");
+            let response = error.error_response();
+            assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+            assert_eq!(response.headers().get(header::CONTENT_TYPE).unwrap(), CONTENT_TYPE, "{path}");
+            let body = actix_web::body::to_bytes(response.into_body()).await.unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["status"], 500);
+            assert!(!body["detail"].as_str().unwrap().contains("panicked"), "the message is not sent: {body}");
+        }
+        let response = test::call_service(&app, test::TestRequest::get().uri("/fine").to_request()).await;
+        assert_eq!(response.status(), StatusCode::OK);
     }
 }
