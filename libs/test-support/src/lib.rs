@@ -34,3 +34,21 @@ pub fn delete_redis_keys(prefix: &str) {
         .arg(format!("redis-cli -h 127.0.0.1 --scan --pattern '{prefix}*' | xargs -r redis-cli -h 127.0.0.1 del"))
         .output();
 }
+
+/// Runs `binary healthcheck` as a container health check would, once against `live_port`
+/// (a running service: exit 0) and once against a port nothing listens on (exit 1). Blocking:
+/// call it from `spawn_blocking` in async tests.
+pub fn assert_healthcheck_subcommand(binary: &str, live_port: u16) {
+    let exit_code = |port: u16| {
+        Command::new(binary)
+            .arg("healthcheck")
+            .env("APP__SERVER__PORT", port.to_string())
+            .output()
+            .expect("the binary runs")
+            .status
+            .code()
+    };
+    assert_eq!(exit_code(live_port), Some(0), "healthcheck against the running service");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+    assert_eq!(exit_code(closed), Some(1), "healthcheck against a closed port");
+}

@@ -8,33 +8,29 @@ pub mod items;
 pub mod openapi;
 pub mod startup;
 
-use observability::ServiceInfo;
-use observability::telemetry;
+use observability::Started;
 
 pub const SERVICE_NAME: &str = "data-service";
 
+fn start() -> Result<Started<configuration::Settings>, Box<dyn std::error::Error>> {
+    observability::start(SERVICE_NAME, env!("CARGO_PKG_VERSION"), configuration::load, |settings| &settings.log)
+}
+
 /// `data-service` / `data-service serve`: runs the API until SIGTERM or SIGINT.
 pub async fn serve() -> Result<(), Box<dyn std::error::Error>> {
-    let loaded = configuration::load()?;
-    let service =
-        ServiceInfo { name: SERVICE_NAME, version: env!("CARGO_PKG_VERSION"), environment: loaded.environment };
-    let _log_guard = telemetry::init_stdout(&service, &loaded.settings.log)?;
-    tracing::info!(files = ?loaded.files, settings = ?loaded.settings, "configuration loaded");
-    let application = startup::Application::build(loaded.settings, service).await?;
+    let Started { settings, service, log_guard: _log_guard } = start()?;
+    let application = startup::Application::build(settings, service).await?;
     application.run_until_stopped().await?;
     Ok(())
 }
 
 /// `data-service migrate`: applies pending migrations and exits.
 pub async fn migrate() -> Result<(), Box<dyn std::error::Error>> {
-    let loaded = configuration::load()?;
-    let service =
-        ServiceInfo { name: SERVICE_NAME, version: env!("CARGO_PKG_VERSION"), environment: loaded.environment };
-    let _log_guard = telemetry::init_stdout(&service, &loaded.settings.log)?;
-    if loaded.settings.database.create_database {
-        db::create_database_if_missing(&loaded.settings.database).await?;
+    let Started { settings, log_guard: _log_guard, .. } = start()?;
+    if settings.database.create_database {
+        db::create_database_if_missing(&settings.database).await?;
     }
-    let applied = db::migrate(&loaded.settings.database).await?;
+    let applied = db::migrate(&settings.database).await?;
     tracing::info!(applied, "migrations up to date");
     Ok(())
 }

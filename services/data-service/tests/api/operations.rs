@@ -68,25 +68,15 @@ async fn readiness_reports_postgres_and_redis() {
     assert_eq!(body["checks"]["redis"]["status"], "pass");
 }
 
-/// Runs `data-service healthcheck` as a container health check would, against `port`.
-fn healthcheck_exit_code(port: &str) -> Option<i32> {
-    std::process::Command::new(env!("CARGO_BIN_EXE_data-service"))
-        .arg("healthcheck")
-        .env("APP__SERVER__PORT", port)
-        .output()
-        .expect("the binary runs")
-        .status
-        .code()
-}
-
 #[tokio::test]
 async fn the_healthcheck_subcommand_reports_whether_the_service_answers() {
     let app = spawn_app().await;
-    let port = app.address.rsplit(':').next().unwrap().to_owned();
-    let live = tokio::task::spawn_blocking(move || healthcheck_exit_code(&port)).await.unwrap();
-    assert_eq!(live, Some(0));
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    assert_eq!(tokio::task::spawn_blocking(move || healthcheck_exit_code(&closed)).await.unwrap(), Some(1));
+    let port = app.address.rsplit(':').next().unwrap().parse().unwrap();
+    tokio::task::spawn_blocking(move || {
+        test_support::assert_healthcheck_subcommand(env!("CARGO_BIN_EXE_data-service"), port)
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
