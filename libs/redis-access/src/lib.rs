@@ -19,6 +19,7 @@ use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::{Pool, Runtime, Timeouts};
 
 pub use deadpool_redis::redis;
+use observability::HealthCheck;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -140,5 +141,24 @@ impl Redis {
     pub fn pool_status(&self) -> (usize, usize, usize) {
         let status = self.0.pool.status();
         (status.max_size, status.size, status.available)
+    }
+}
+
+/// `/ready` report of Redis: reported, never critical, since every user of this crate keeps
+/// working without Redis.
+pub struct RedisCheck(pub Redis);
+
+#[async_trait::async_trait]
+impl HealthCheck for RedisCheck {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn critical(&self) -> bool {
+        false
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        self.0.ping().await.map_err(|e| e.to_string())
     }
 }

@@ -15,8 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use observability::HealthCheck;
 use redis_access::redis::{AsyncCommands, Script};
 use redis_access::{Redis, RedisError, RedisSettings};
 use secrecy::ExposeSecret;
@@ -83,6 +81,10 @@ impl Cache {
             pending: Mutex::new(HashMap::new()),
             put_if_newer: Script::new(PUT_IF_NEWER),
         })))
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.0.redis
     }
 
     fn key(&self, id: Uuid) -> String {
@@ -198,22 +200,4 @@ pub fn describe_metrics() {
     metrics::describe_counter!("cache_errors_total", "Redis operations that failed or timed out, by operation.");
     metrics::describe_gauge!("cache_pool_connections", "Redis pool connections: max, open, idle.");
     metrics::describe_gauge!("cache_pending_updates", "Committed writes whose cache update is still to be applied.");
-}
-
-/// `/ready`: reported, not critical: the service works without its cache.
-pub struct RedisCheck(pub Cache);
-
-#[async_trait]
-impl HealthCheck for RedisCheck {
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-
-    fn critical(&self) -> bool {
-        false
-    }
-
-    async fn check(&self) -> Result<(), String> {
-        self.0.0.redis.ping().await.map_err(|e| e.to_string())
-    }
 }

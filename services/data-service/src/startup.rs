@@ -11,8 +11,9 @@ use observability::metrics::{Metrics, configure_metrics};
 use observability::shutdown::{ShutdownSettings, serve_until_stopped};
 use observability::{HealthCheck, HealthRegistry, Observe, ServiceInfo, server};
 use problem::{Problem, ProblemJson};
+use redis_access::RedisCheck;
 
-use crate::cache::{self, Cache, RedisCheck};
+use crate::cache::{self, Cache};
 use crate::configuration::Settings;
 use crate::db::{self, PostgresCheck};
 use crate::items::repository::Repository;
@@ -71,7 +72,7 @@ impl Application {
             "Keyed POSTs answered with their stored first response."
         );
         let checks: Vec<Arc<dyn HealthCheck>> =
-            vec![Arc::new(PostgresCheck(pool.clone())), Arc::new(RedisCheck(cache.clone()))];
+            vec![Arc::new(PostgresCheck(pool.clone())), Arc::new(RedisCheck(cache.redis().clone()))];
         let health = HealthRegistry::new(&settings.health, checks);
 
         let repository = Repository::new(pool);

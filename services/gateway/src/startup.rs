@@ -12,6 +12,7 @@ use observability::metrics::{Metrics, configure_metrics};
 use observability::shutdown::{ShutdownSettings, serve_until_stopped};
 use observability::{HealthCheck, HealthRegistry, Observe, ServiceInfo, server};
 use problem::{Problem, ProblemJson};
+use redis_access::RedisCheck;
 
 use crate::auth::{Authenticator, KeysError};
 use crate::configuration::Settings;
@@ -83,7 +84,8 @@ impl Application {
         tracing::info!(keys = auth.key_count(), routes = routes.len(), "configuration loaded");
         let limiter = RateLimiter::new(&settings.rate_limit)?;
         let checks: Vec<Arc<dyn HealthCheck>> = vec![
-            Arc::new(RedisReachable(limiter.redis().clone())),
+            // Reported, not critical: without Redis each replica limits on its own.
+            Arc::new(RedisCheck(limiter.redis().clone())),
             Arc::new(UpstreamsReachable(upstreams.iter().flat_map(|u| u.endpoint_addresses()).collect())),
         ];
         let health = HealthRegistry::new(&settings.health, checks);
@@ -191,22 +193,6 @@ fn describe_metrics() {
         "gateway_ratelimit_redis_errors_total",
         "Rate-limit Redis commands that failed or timed out."
     );
-}
-
-/// Reported, not critical: without Redis each replica limits on its own.
-struct RedisReachable(redis_access::Redis);
-
-#[async_trait]
-impl HealthCheck for RedisReachable {
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-    fn critical(&self) -> bool {
-        false
-    }
-    async fn check(&self) -> Result<(), String> {
-        self.0.ping().await.map_err(|e| e.to_string())
-    }
 }
 
 /// Reported, not critical: a failing data service must not take every gateway replica out
