@@ -113,7 +113,11 @@ impl Repository {
             .query_one("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
             .await?
             .try_get(0)?;
+        // The early outcomes end the transaction explicitly: a dropped transaction's ROLLBACK
+        // is only queued, so the lock could outlive the response and turn the client's next
+        // request with this key into a spurious "in flight".
         if !locked {
+            transaction.rollback().await?;
             return Ok(KeyedCreate::InFlight);
         }
         let previous = transaction
@@ -124,12 +128,14 @@ impl Repository {
             )
             .await?;
         if let Some(row) = previous {
-            return Ok(KeyedCreate::Replay(StoredResponse {
+            let stored = StoredResponse {
                 request_hash: row.try_get(0)?,
                 item_id: row.try_get(1)?,
                 item_version: row.try_get(2)?,
                 body: row.try_get(3)?,
-            }));
+            };
+            transaction.rollback().await?;
+            return Ok(KeyedCreate::Replay(stored));
         }
         let created = insert(&transaction, item).await?;
         let ttl_secs = i64::try_from(ttl_secs).unwrap_or(i64::MAX);

@@ -30,6 +30,19 @@ async fn a_repeat_returns_the_first_response() {
     assert_eq!(again.headers()["location"], location);
     assert_eq!(again.headers()["etag"], "\"1\"");
     assert_eq!(again.json::<Value>().await.unwrap(), first);
+    // The key's lock ends with the response, so an immediate next request is not "in flight".
+    let held: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND d.datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0, "an advisory lock outlived its response");
 
     let different = send(json!({"name": "other"})).await.unwrap();
     assert_problem(different, 422).await;
