@@ -1,6 +1,7 @@
 //! The Stackline gateway: the only public entry to the items API.
 
 pub mod auth;
+pub mod client;
 pub mod configuration;
 pub mod proxy;
 pub mod ratelimit;

@@ -4,27 +4,28 @@
 //! Errors follow pingora's split: the client's fault (downstream: 401, 404, 413, 429), the
 //! upstream's (502, 503, 504), or ours (500).
 
-use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use actix_web::body::SizedStream;
 use actix_web::dev::{AppService, HttpServiceFactory, ResourceDef};
-use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
-use actix_web::web::{Bytes, Payload};
+use actix_web::web::Payload;
 use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
-use awc::error::{ConnectError, SendRequestError};
-use futures_util::Stream;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header as upstream_header;
 use observability::middleware::{record_client, status_label};
 use observability::request_id::propagation_headers;
 use problem::Problem;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Authenticator;
+use crate::client::{Lease, RequestBody, SendError, StreamedBody, UpstreamClient};
 use crate::ratelimit::{Decision, RateLimiter};
-use crate::upstream::{Admission, Upstream};
+use crate::upstream::{Admission, Endpoint, Upstream};
 
 pub struct Route {
     pub prefix: String,
@@ -71,9 +72,9 @@ const NOT_FORWARDED: [&str; 12] = [
     "x-request-id",
 ];
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_FOR: upstream_header::HeaderName = upstream_header::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: upstream_header::HeaderName = upstream_header::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: upstream_header::HeaderName = upstream_header::HeaderName::from_static("x-forwarded-host");
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
@@ -83,23 +84,20 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Idempotency keys are the client's own namespace: two clients choosing the same key must
 /// not see each other's responses, so the key id goes in front (hashed when the result would
 /// pass the upstream's 255-character limit).
-fn scoped_idempotency_key(key_id: &str, value: &HeaderValue) -> HeaderValue {
-    let scoped = format!("{key_id}:{}", String::from_utf8_lossy(value.as_bytes()));
-    let scoped =
-        if scoped.len() <= 255 { scoped } else { format!("{key_id}:sha256:{:x}", Sha256::digest(value.as_bytes())) };
-    HeaderValue::from_str(&scoped).unwrap_or_else(|_| value.clone())
+fn scoped_idempotency_key(key_id: &str, value: &[u8]) -> Option<upstream_header::HeaderValue> {
+    let scoped = format!("{key_id}:{}", String::from_utf8_lossy(value));
+    let scoped = if scoped.len() <= 255 { scoped } else { format!("{key_id}:sha256:{:x}", Sha256::digest(value)) };
+    upstream_header::HeaderValue::from_str(&scoped).ok()
 }
 
-fn forwardable(name: &HeaderName, connection: &[String]) -> bool {
-    let name = name.as_str();
+fn forwardable(name: &str, connection: &[String]) -> bool {
     !NOT_FORWARDED.contains(&name) && !connection.iter().any(|listed| listed == name)
 }
 
 /// Header names listed in `Connection` are hop-by-hop too.
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .filter_map(|v| v.to_str().ok())
+fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
+    values
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty())
@@ -133,44 +131,88 @@ fn body_too_large(limit: u64) -> Problem {
     Problem::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request bodies are limited to {limit} bytes"))
 }
 
-/// Fails the stream once more than `limit` bytes have passed, so an oversized body is
-/// refused while it streams, without being held in memory.
-struct Limited {
-    inner: Payload,
-    remaining: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("request body over the limit")]
-struct BodyTooLarge;
-
-impl Stream for Limited {
-    type Item = Result<Bytes, Box<dyn std::error::Error>>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match Pin::new(&mut self.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                let size = chunk.len() as u64;
-                if size > self.remaining {
-                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
-                }
-                self.remaining -= size;
-                Poll::Ready(Some(Ok(chunk)))
-            }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
+fn upstream_timed_out(upstream: &Upstream) -> Problem {
+    Problem::new(StatusCode::GATEWAY_TIMEOUT, format!("upstream {} did not answer in time", upstream.name))
 }
 
 fn is_idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
 }
 
+/// What the upstream is told about the request, whichever endpoint it goes to.
+struct ForwardedHead {
+    method: hyper::Method,
+    /// Path and query below the endpoint's base path.
+    target: String,
+    headers: upstream_header::HeaderMap,
+}
+
+impl ForwardedHead {
+    fn new(req: &HttpRequest, route: &Route, key_id: &str) -> Result<Self, Problem> {
+        let rest = &req.path()[route.prefix.len()..];
+        let target = match req.query_string() {
+            "" => format!("{}{rest}", route.upstream_prefix),
+            query => format!("{}{rest}?{query}", route.upstream_prefix),
+        };
+        let method = hyper::Method::from_bytes(req.method().as_str().as_bytes())
+            .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "unsupported method"))?;
+        let connection = connection_tokens(req.headers().get_all(header::CONNECTION).map(HeaderValue::as_bytes));
+        let mut headers = upstream_header::HeaderMap::with_capacity(req.headers().len() + 6);
+        for (name, value) in req.headers() {
+            let (name, value) = (name.as_str(), value.as_bytes());
+            let value = if name == IDEMPOTENCY_KEY {
+                scoped_idempotency_key(key_id, value)
+            } else if forwardable(name, &connection) {
+                upstream_header::HeaderValue::from_bytes(value).ok()
+            } else {
+                continue;
+            };
+            // Names and values come from a parsed request: they are valid here too.
+            if let (Ok(name), Some(value)) = (upstream_header::HeaderName::from_bytes(name.as_bytes()), value) {
+                headers.append(name, value);
+            }
+        }
+        for (name, value) in propagation_headers(req) {
+            if let Ok(value) = upstream_header::HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+        let previous = req.headers().get(header::X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+        let forwarded_for = match (previous, req.peer_addr()) {
+            (Some(previous), Some(peer)) => Some(format!("{previous}, {}", peer.ip())),
+            (None, Some(peer)) => Some(peer.ip().to_string()),
+            (Some(previous), None) => Some(previous.to_owned()),
+            (None, None) => None,
+        };
+        if let Some(value) = forwarded_for.and_then(|v| upstream_header::HeaderValue::from_str(&v).ok()) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+        headers.insert(X_FORWARDED_PROTO, upstream_header::HeaderValue::from_static("http"));
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .map(HeaderValue::as_bytes)
+            .or_else(|| Some(req.uri().authority()?.as_str().as_bytes()));
+        if let Some(host) = host.and_then(|h| upstream_header::HeaderValue::from_bytes(h).ok()) {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        Ok(Self { method, target, headers })
+    }
+
+    fn request(&self, endpoint: &Endpoint, body: RequestBody) -> Result<hyper::Request<RequestBody>, String> {
+        let uri = format!("{}{}", endpoint.path, self.target).parse::<hyper::Uri>().map_err(|e| e.to_string())?;
+        let mut request = hyper::Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = self.headers.clone();
+        request.headers_mut().insert(upstream_header::HOST, endpoint.host.clone());
+        Ok(request)
+    }
+}
+
 /// How one attempt at the upstream went.
 enum Attempt {
-    Response(awc::ClientResponse),
+    Response(hyper::Response<Incoming>, Lease),
     /// No connection could be made: safe to retry, even for writes.
     ConnectFailed(String),
     TooLarge,
@@ -178,22 +220,11 @@ enum Attempt {
     Failed(String),
 }
 
-fn classify(error: SendRequestError) -> Attempt {
-    match error {
-        SendRequestError::Timeout => Attempt::TimedOut,
-        SendRequestError::Connect(
-            ConnectError::Timeout | ConnectError::Io(_) | ConnectError::Resolver(_) | ConnectError::NoRecords,
-        ) => Attempt::ConnectFailed(error.to_string()),
-        SendRequestError::Body(ref inner) if inner.to_string().contains("over the limit") => Attempt::TooLarge,
-        other => Attempt::Failed(other.to_string()),
-    }
-}
-
 pub async fn proxy(
     req: HttpRequest,
     payload: Payload,
     gateway: web::Data<Gateway>,
-    client: web::Data<awc::Client>,
+    client: web::Data<Rc<UpstreamClient>>,
 ) -> Result<HttpResponse, Problem> {
     let path = req.path();
     let Some(route) = gateway
@@ -230,64 +261,42 @@ pub async fn proxy(
     }
     upstream.deposit_retry_budget();
 
-    let rest = &path[route.prefix.len()..];
-    let target = match req.query_string() {
-        "" => format!("{}{rest}", route.upstream_prefix),
-        query => format!("{}{rest}?{query}", route.upstream_prefix),
+    let head = match ForwardedHead::new(&req, route, &caller.key_id) {
+        Ok(head) => head,
+        Err(problem) => return Ok(problem_with_limits(problem, &decision)),
     };
-    let connection = connection_tokens(req.headers());
-    let forwarded_for = match (req.headers().get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()), req.peer_addr()) {
-        (Some(previous), Some(peer)) => format!("{previous}, {}", peer.ip()),
-        (None, Some(peer)) => peer.ip().to_string(),
-        (Some(previous), None) => previous.to_owned(),
-        (None, None) => String::new(),
-    };
-    let host = req.connection_info().host().to_owned();
-
     let started = Instant::now();
     let deadline = started + route.timeout;
-    let mut body = Some(Limited { inner: payload, remaining: gateway.body_limit });
+    let mut body = Some(RequestBody::Streamed { payload, remaining: gateway.body_limit });
     let retryable = is_idempotent(req.method()) && !has_body;
     let mut attempt_number = 0;
     let outcome = loop {
         let Some(endpoint) = upstream.pick() else {
             break Attempt::ConnectFailed("no endpoints configured".to_owned());
         };
-        let mut request = client.request(req.method().clone(), format!("{}{target}", endpoint.base));
-        for (name, value) in req.headers() {
-            if name.as_str() == IDEMPOTENCY_KEY {
-                request = request.insert_header((name.clone(), scoped_idempotency_key(&caller.key_id, value)));
-            } else if forwardable(name, &connection) {
-                request = request.append_header((name.clone(), value.clone()));
-            }
-        }
-        for (name, value) in propagation_headers(&req) {
-            request = request.insert_header((name, value));
-        }
-        if !forwarded_for.is_empty() {
-            request = request.insert_header((X_FORWARDED_FOR, forwarded_for.as_str()));
-        }
-        request = request
-            .insert_header((X_FORWARDED_PROTO, HeaderValue::from_static("http")))
-            .insert_header((X_FORWARDED_HOST, host.as_str()));
-
-        let sent = if has_body {
+        let request_body = if has_body {
             match body.take() {
-                Some(stream) => request.send_stream(stream),
+                Some(body) => body,
                 None => break Attempt::Failed("the request body was already sent".to_owned()),
             }
         } else {
-            request.send()
+            RequestBody::Empty
         };
-        let attempt = match tokio::time::timeout_at(deadline.into(), sent).await {
+        let request = match head.request(endpoint, request_body) {
+            Ok(request) => request,
+            Err(cause) => break Attempt::Failed(cause),
+        };
+        let attempt = match tokio::time::timeout_at(deadline.into(), client.send(&endpoint.address, request)).await {
             Err(_) => break Attempt::TimedOut,
-            Ok(Ok(response)) => Attempt::Response(response),
-            Ok(Err(error)) => classify(error),
+            Ok(Ok((response, lease))) => Attempt::Response(response, lease),
+            Ok(Err(SendError::Connect(cause))) => Attempt::ConnectFailed(cause),
+            Ok(Err(SendError::BodyTooLarge)) => Attempt::TooLarge,
+            Ok(Err(SendError::Failed(cause))) => Attempt::Failed(cause),
         };
         let may_retry = attempt_number < gateway.max_retries && Instant::now() < deadline;
         match &attempt {
             Attempt::ConnectFailed(_) => upstream.eject(endpoint),
-            Attempt::Response(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {}
+            Attempt::Response(response, _) if response.status() == hyper::StatusCode::SERVICE_UNAVAILABLE => {}
             _ => break attempt,
         }
         // Connection failures never reached the upstream; a 503 said "not now".
@@ -302,7 +311,9 @@ pub async fn proxy(
     };
 
     let outcome_label = match &outcome {
-        Attempt::Response(response) => status_label(response.status()),
+        Attempt::Response(response, _) => {
+            status_label(StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY))
+        }
         Attempt::ConnectFailed(_) => "connect_error",
         Attempt::TooLarge => "body_too_large",
         Attempt::TimedOut => "timeout",
@@ -311,9 +322,9 @@ pub async fn proxy(
     upstream.count(outcome_label, Some(started.elapsed()));
 
     match outcome {
-        Attempt::Response(response) => {
+        Attempt::Response(response, lease) => {
             upstream.record(!response.status().is_server_error());
-            Ok(relay(response, route, &decision).await)
+            Ok(relay(response, lease, route, &decision, deadline).await)
         }
         Attempt::TooLarge => {
             // The upstream never saw the whole body; not its failure.
@@ -331,9 +342,7 @@ pub async fn proxy(
         Attempt::TimedOut => {
             upstream.record(false);
             tracing::warn!(upstream = %upstream.name, timeout_ms = route.timeout.as_millis() as u64, "upstream timed out");
-            let problem =
-                Problem::new(StatusCode::GATEWAY_TIMEOUT, format!("upstream {} did not answer in time", upstream.name));
-            Ok(problem_with_limits(problem, &decision))
+            Ok(problem_with_limits(upstream_timed_out(upstream), &decision))
         }
         Attempt::Failed(cause) => {
             upstream.record(false);
@@ -344,17 +353,25 @@ pub async fn proxy(
     }
 }
 
-/// Bodies up to this size are read whole and sent with the head in one write; larger or
-/// unsized ones stream.
+/// Bodies up to this size are read whole (by the deadline) and sent with the head in one
+/// write; larger or unsized ones stream.
 const BUFFERED_BODY_LIMIT: u64 = 64 * 1024;
 
 /// The upstream's response, with hop-by-hop headers dropped and `Location` rewritten to the
 /// public prefix.
-async fn relay(mut response: awc::ClientResponse, route: &Route, decision: &Decision) -> HttpResponse {
-    let connection = connection_tokens(response.headers());
-    let mut builder = HttpResponse::build(response.status());
-    for (name, value) in response.headers() {
-        if name == header::LOCATION {
+async fn relay(
+    response: hyper::Response<Incoming>,
+    lease: Lease,
+    route: &Route,
+    decision: &Decision,
+    deadline: Instant,
+) -> HttpResponse {
+    let (head, body) = response.into_parts();
+    let status = StatusCode::from_u16(head.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let connection = connection_tokens(head.headers.get_all(upstream_header::CONNECTION).iter().map(|v| v.as_bytes()));
+    let mut builder = HttpResponse::build(status);
+    for (name, value) in &head.headers {
+        if name == upstream_header::LOCATION {
             let rewritten = value
                 .to_str()
                 .ok()
@@ -362,26 +379,39 @@ async fn relay(mut response: awc::ClientResponse, route: &Route, decision: &Deci
                 .map(|rest| format!("{}{rest}", route.prefix));
             match rewritten {
                 Some(location) => builder.insert_header((header::LOCATION, location)),
-                None => builder.insert_header((name.clone(), value.clone())),
+                None => builder.insert_header((header::LOCATION, value.as_bytes())),
             };
-        } else if name != header::CONTENT_LENGTH && forwardable(name, &connection) {
-            builder.append_header((name.clone(), value.clone()));
+        } else if name != upstream_header::CONTENT_LENGTH && forwardable(name.as_str(), &connection) {
+            // Names and values from a parsed response: valid here too.
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(name.as_str().as_bytes()), HeaderValue::from_bytes(value.as_bytes()))
+            {
+                builder.append_header((name, value));
+            }
         }
     }
     rate_limit_headers(&mut builder, decision);
-    let length = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let length = head.headers.get(upstream_header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     match length {
         Some(length) if length <= BUFFERED_BODY_LIMIT => {
-            match response.body().limit(BUFFERED_BODY_LIMIT as usize).await {
-                Ok(body) => builder.body(body),
-                Err(error) => {
+            let read = Limited::new(body, BUFFERED_BODY_LIMIT as usize).collect();
+            match tokio::time::timeout_at(deadline.into(), read).await {
+                Ok(Ok(collected)) => {
+                    lease.release();
+                    builder.body(collected.to_bytes())
+                }
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "upstream response body broke off");
                     HttpResponse::from_error(Problem::new(StatusCode::BAD_GATEWAY, "the upstream response broke off"))
                 }
+                Err(_) => {
+                    tracing::warn!(timeout_ms = route.timeout.as_millis() as u64, "upstream response body timed out");
+                    HttpResponse::from_error(upstream_timed_out(&route.upstream))
+                }
             }
         }
-        Some(length) => builder.body(SizedStream::new(length, response)),
-        None => builder.streaming(response),
+        Some(length) => builder.body(SizedStream::new(length, StreamedBody::new(body, lease))),
+        None => builder.streaming(StreamedBody::new(body, lease)),
     }
 }
 
@@ -391,10 +421,8 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_including_those_named_in_connection_are_not_forwarded() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Custom-Hop"));
-        let listed = connection_tokens(&headers);
-        assert!(!forwardable(&HeaderName::from_static("x-custom-hop"), &listed));
+        let listed = connection_tokens([b"keep-alive, X-Custom-Hop".as_slice()].into_iter());
+        assert!(!forwardable("x-custom-hop", &listed));
         for name in [
             "connection",
             "keep-alive",
@@ -406,9 +434,9 @@ mod tests {
             "authorization",
             "host",
         ] {
-            assert!(!forwardable(&HeaderName::from_static(name), &listed), "{name}");
+            assert!(!forwardable(name, &listed), "{name}");
         }
-        assert!(forwardable(&HeaderName::from_static("x-kept"), &listed));
-        assert!(forwardable(&header::CONTENT_TYPE, &listed));
+        assert!(forwardable("x-kept", &listed));
+        assert!(forwardable("content-type", &listed));
     }
 }

@@ -15,10 +15,11 @@ use problem::{Problem, ProblemJson};
 use redis_access::RedisCheck;
 
 use crate::auth::{Authenticator, KeysError};
+use crate::client::UpstreamClient;
 use crate::configuration::Settings;
 use crate::proxy::{Gateway, PrefixRoute, Route};
 use crate::ratelimit::RateLimiter;
-use crate::upstream::Upstream;
+use crate::upstream::{InvalidUrl, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -30,6 +31,8 @@ pub enum StartupError {
     InvalidPrefix(String),
     #[error("upstream {0}: no urls")]
     EmptyUpstream(String),
+    #[error("upstream {name}: {source}")]
+    InvalidUpstream { name: String, source: InvalidUrl },
     #[error("rate_limit.redis_url: {0}")]
     Redis(#[from] redis_access::RedisError),
     #[error(transparent)]
@@ -59,7 +62,9 @@ impl Application {
                 if upstream.urls.is_empty() {
                     return Err(StartupError::EmptyUpstream(name.clone()));
                 }
-                Ok(Arc::new(Upstream::new(name, &upstream.urls, &settings.proxy)))
+                let upstream = Upstream::new(name, &upstream.urls, &settings.proxy)
+                    .map_err(|source| StartupError::InvalidUpstream { name: name.clone(), source })?;
+                Ok(Arc::new(upstream))
             })
             .collect::<Result<_, _>>()?;
         let routes = settings
@@ -103,14 +108,7 @@ impl Application {
         let server = HttpServer::new({
             let (service, health) = (service.clone(), health.clone());
             move || {
-                // One pooled keep-alive client per worker thread. The proxy bounds each
-                // attempt by the route's deadline itself: a second timer per request is waste.
-                let client = awc::Client::builder()
-                    .no_default_headers()
-                    .disable_redirects()
-                    .disable_timeout()
-                    .connector(awc::Connector::new().timeout(connect_timeout).limit(0))
-                    .finish();
+                let client = UpstreamClient::new(connect_timeout);
                 let mut app = App::new()
                     .wrap(ProblemJson)
                     .wrap(Observe)

@@ -5,6 +5,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use hyper::header::HeaderValue;
+use hyper::http::uri::Authority;
 use metrics::{Counter, Histogram};
 use observability::metrics::HandleCache;
 
@@ -13,7 +15,43 @@ use crate::configuration::ProxySettings;
 pub struct Endpoint {
     /// Base URL without a trailing slash.
     pub base: String,
+    /// `host:port`, to connect to.
+    pub address: String,
+    /// The `Host` header the upstream is sent.
+    pub host: HeaderValue,
+    /// Path of the base URL (empty, or starting with `/`), put in front of every request path.
+    pub path: String,
     ejected_until: Mutex<Option<Instant>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream url {0:?} must look like http://host[:port][/path]")]
+pub struct InvalidUrl(String);
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, InvalidUrl> {
+        let invalid = || InvalidUrl(url.to_owned());
+        let base = url.trim_end_matches('/');
+        let rest = base.strip_prefix("http://").ok_or_else(invalid)?;
+        let (authority, path) = rest.find('/').map_or((rest, ""), |slash| rest.split_at(slash));
+        let parsed = authority.parse::<Authority>().map_err(|_| invalid())?;
+        let host = Some(parsed.host()).filter(|h| !h.is_empty() && !authority.contains('@')).ok_or_else(invalid)?;
+        let port = match parsed.port_u16() {
+            Some(port) => port,
+            None if authority.len() == host.len() => 80,
+            None => return Err(invalid()),
+        };
+        if path.contains(['?', '#']) {
+            return Err(invalid());
+        }
+        Ok(Self {
+            base: base.to_owned(),
+            address: format!("{host}:{port}"),
+            host: HeaderValue::from_str(authority).map_err(|_| invalid())?,
+            path: path.to_owned(),
+            ejected_until: Mutex::new(None),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,13 +93,10 @@ pub enum Admission {
 const MAX_RETRY_TOKENS_MILLI: u64 = 10_000;
 
 impl Upstream {
-    pub fn new(name: &str, urls: &[String], settings: &ProxySettings) -> Self {
+    pub fn new(name: &str, urls: &[String], settings: &ProxySettings) -> Result<Self, InvalidUrl> {
         let upstream = Self {
             name: name.to_owned(),
-            endpoints: urls
-                .iter()
-                .map(|url| Endpoint { base: url.trim_end_matches('/').to_owned(), ejected_until: Mutex::new(None) })
-                .collect(),
+            endpoints: urls.iter().map(|url| Endpoint::parse(url)).collect::<Result<_, _>>()?,
             next: AtomicUsize::new(0),
             breaker: Mutex::new(BreakerState::Closed { failures: 0 }),
             breaker_failures: settings.breaker_failures.max(1),
@@ -73,7 +108,7 @@ impl Upstream {
             requests: HandleCache::new(),
         };
         upstream.publish_state(BreakerState::Closed { failures: 0 });
-        upstream
+        Ok(upstream)
     }
 
     /// The next endpoint in turn that is not ejected; if all are, the next in turn anyway
@@ -90,13 +125,7 @@ impl Upstream {
 
     /// `host:port` of each endpoint, for reachability reports.
     pub fn endpoint_addresses(&self) -> Vec<String> {
-        self.endpoints
-            .iter()
-            .map(|e| {
-                let authority = e.base.split("://").nth(1).unwrap_or(&e.base);
-                authority.split('/').next().unwrap_or(authority).to_owned()
-            })
-            .collect()
+        self.endpoints.iter().map(|e| e.address.clone()).collect()
     }
 
     pub fn eject(&self, endpoint: &Endpoint) {
@@ -194,7 +223,7 @@ mod tests {
 
     #[test]
     fn round_robin_skips_ejected_endpoints() {
-        let upstream = Upstream::new("u", &["http://a/".to_owned(), "http://b".to_owned()], &settings());
+        let upstream = Upstream::new("u", &["http://a/".to_owned(), "http://b".to_owned()], &settings()).unwrap();
         let first = upstream.pick().unwrap().base.clone();
         let second = upstream.pick().unwrap().base.clone();
         assert_ne!(first, second);
@@ -207,8 +236,24 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_urls_are_parsed_once_and_bad_ones_refused() {
+        let endpoint = Endpoint::parse("http://127.0.0.1:8081/").unwrap();
+        assert_eq!((endpoint.address.as_str(), endpoint.path.as_str()), ("127.0.0.1:8081", ""));
+        assert_eq!(endpoint.host, "127.0.0.1:8081");
+        let endpoint = Endpoint::parse("http://data-service/base/").unwrap();
+        assert_eq!((endpoint.address.as_str(), endpoint.path.as_str()), ("data-service:80", "/base"));
+        assert_eq!(endpoint.host, "data-service");
+        assert_eq!(Endpoint::parse("http://[::1]:9/").unwrap().address, "[::1]:9");
+        for bad in
+            ["https://tls.example", "127.0.0.1:8081", "http://", "http://user@host", "http://h/p?q=1", "http://h:x"]
+        {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn breaker_opens_after_repeated_failures_and_half_opens_to_probe() {
-        let upstream = Upstream::new("u", &["http://a".to_owned()], &settings());
+        let upstream = Upstream::new("u", &["http://a".to_owned()], &settings()).unwrap();
         for _ in 0..3 {
             assert!(matches!(upstream.admit(), Admission::Allowed));
             upstream.record(false);
@@ -222,7 +267,7 @@ mod tests {
 
     #[test]
     fn retries_are_bounded_by_the_budget() {
-        let upstream = Upstream::new("u", &["http://a".to_owned()], &settings());
+        let upstream = Upstream::new("u", &["http://a".to_owned()], &settings()).unwrap();
         let spent = (0..100).filter(|_| upstream.withdraw_retry()).count();
         assert_eq!(spent, 10, "the initial reserve");
         for _ in 0..10 {

@@ -173,7 +173,13 @@ async fn echo(req: HttpRequest, mut body: web::Payload, shared: Shared) -> HttpR
     HttpResponse::Ok()
         .insert_header(("location", "/v1/items/elsewhere"))
         .insert_header(("proxy-authenticate", "Basic realm=upstream"))
-        .json(serde_json::json!({"method": req.method().as_str(), "query": req.query_string(), "body_bytes": size, "headers": headers}))
+        .json(serde_json::json!({
+            "method": req.method().as_str(),
+            "query": req.query_string(),
+            "body_bytes": size,
+            "headers": headers,
+            "peer": req.peer_addr().map(|a| a.to_string()),
+        }))
 }
 
 async fn slow(query: web::Query<std::collections::HashMap<String, u64>>, shared: Shared) -> HttpResponse {

@@ -121,6 +121,24 @@ async fn headers_are_forwarded_as_a_proxy_should() {
 }
 
 #[tokio::test]
+async fn an_upstream_named_by_host_name_is_reached_over_one_kept_alive_connection() {
+    let upstream = TestUpstream::start();
+    let by_name = upstream.address.replace("127.0.0.1", "localhost");
+    let key = Key::new();
+    let gateway =
+        spawn_gateway(gateway_settings(&format!("{by_name}/"), &key, 1000, 1000, &unique()), key.clone()).await;
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        let response = gateway.get("/api/v1/items/echo").send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let echoed: Value = response.json().await.unwrap();
+        assert_eq!(echoed["headers"]["host"], by_name.trim_start_matches("http://"));
+        peers.push(echoed["peer"].as_str().unwrap().to_owned());
+    }
+    assert!(peers.iter().all(|p| *p == peers[0]), "one connection serves one request after another: {peers:?}");
+}
+
+#[tokio::test]
 async fn large_bodies_stream_through_and_the_limit_holds_while_streaming() {
     let upstream = TestUpstream::start();
     let key = Key::new();
