@@ -104,7 +104,9 @@ impl UpstreamClient {
         loop {
             let (mut sender, reused) = match self.idle_connection(address).await {
                 Some(sender) => (sender, true),
-                None => (self.connect(address).await?, false),
+                // Boxed: a new connection is rare, and its future would otherwise make
+                // every request's future larger (it is moved into place on each request).
+                None => (Box::pin(self.connect(address)).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
