@@ -11,7 +11,7 @@ use std::error::Error as StdError;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::web::{Bytes, Payload};
 use futures_util::Stream;
@@ -83,15 +83,24 @@ pub enum SendError {
 
 type Sender = SendRequest<RequestBody>;
 
+/// A connection waiting for its next request, since when.
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
 /// One worker's connections, by endpoint address (`host:port`).
 pub struct UpstreamClient {
-    idle: RefCell<HashMap<String, Vec<Sender>>>,
+    /// Oldest first: requests take the most recently used connection, so a burst's extra
+    /// connections age out.
+    idle: RefCell<HashMap<String, Vec<Idle>>>,
     connect_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl UpstreamClient {
-    pub fn new(connect_timeout: Duration) -> Rc<Self> {
-        Rc::new(Self { idle: RefCell::new(HashMap::new()), connect_timeout })
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Rc<Self> {
+        Rc::new(Self { idle: RefCell::new(HashMap::new()), connect_timeout, idle_timeout })
     }
 
     /// Sends `request` to `address` on an idle connection, or a new one. The response comes
@@ -125,7 +134,17 @@ impl UpstreamClient {
 
     async fn idle_connection(&self, address: &str) -> Option<Sender> {
         loop {
-            let mut sender = self.idle.borrow_mut().get_mut(address)?.pop()?;
+            let mut sender = {
+                let mut idle = self.idle.borrow_mut();
+                let connections = idle.get_mut(address)?;
+                let newest = connections.pop()?;
+                if newest.since.elapsed() > self.idle_timeout {
+                    // The upstream may be closing it right now; the rest are older still.
+                    connections.clear();
+                    return None;
+                }
+                newest.sender
+            };
             // Ready at once unless the upstream closed it while it was idle.
             if sender.ready().await.is_ok() {
                 return Some(sender);
@@ -178,9 +197,9 @@ impl Lease {
             return;
         }
         let mut idle = self.client.idle.borrow_mut();
-        let senders = idle.entry(self.address).or_default();
-        if senders.len() < MAX_IDLE_PER_ENDPOINT {
-            senders.push(self.sender);
+        let connections = idle.entry(self.address).or_default();
+        if connections.len() < MAX_IDLE_PER_ENDPOINT {
+            connections.push(Idle { sender: self.sender, since: Instant::now() });
         }
     }
 }

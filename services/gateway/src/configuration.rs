@@ -39,6 +39,7 @@ pub struct AdminSettings {
 pub struct ProxySettings {
     pub body_limit_bytes: u64,
     pub connect_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
     pub max_retries: u32,
     pub retry_budget_ratio: f64,
     pub eject_secs: u64,

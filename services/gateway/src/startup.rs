@@ -102,13 +102,14 @@ impl Application {
             max_retries: settings.proxy.max_retries,
         });
         let connect_timeout = Duration::from_millis(settings.proxy.connect_timeout_ms);
+        let idle_timeout = Duration::from_millis(settings.proxy.idle_timeout_ms);
         let prefixes: Vec<String> = gateway.routes.iter().map(|r| r.prefix.clone()).collect();
 
         let (listener, port) = server::bind(&settings.server.address())?;
         let server = HttpServer::new({
             let (service, health) = (service.clone(), health.clone());
             move || {
-                let client = UpstreamClient::new(connect_timeout);
+                let client = UpstreamClient::new(connect_timeout, idle_timeout);
                 let mut app = App::new()
                     .wrap(ProblemJson)
                     .wrap(Observe)

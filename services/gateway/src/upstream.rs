@@ -213,6 +213,7 @@ mod tests {
         ProxySettings {
             body_limit_bytes: 1024,
             connect_timeout_ms: 100,
+            idle_timeout_ms: 100,
             max_retries: 2,
             retry_budget_ratio: 0.5,
             eject_secs: 60,

@@ -121,7 +121,7 @@ async fn headers_are_forwarded_as_a_proxy_should() {
 }
 
 #[tokio::test]
-async fn an_upstream_named_by_host_name_is_reached_over_one_kept_alive_connection() {
+async fn upstream_connections_are_kept_alive_until_idle_too_long_and_hosts_may_be_named() {
     let upstream = TestUpstream::start();
     let by_name = upstream.address.replace("127.0.0.1", "localhost");
     let key = Key::new();
@@ -136,6 +136,18 @@ async fn an_upstream_named_by_host_name_is_reached_over_one_kept_alive_connectio
         peers.push(echoed["peer"].as_str().unwrap().to_owned());
     }
     assert!(peers.iter().all(|p| *p == peers[0]), "one connection serves one request after another: {peers:?}");
+
+    // A connection idle past proxy.idle_timeout_ms is not reused.
+    let key = Key::new();
+    let mut settings = gateway_settings(&upstream.address, &key, 1000, 1000, &unique());
+    settings.proxy.idle_timeout_ms = 0;
+    let gateway = spawn_gateway(settings, key.clone()).await;
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        let echoed: Value = gateway.get("/api/v1/items/echo").send().await.unwrap().json().await.unwrap();
+        peers.push(echoed["peer"].as_str().unwrap().to_owned());
+    }
+    assert_ne!(peers[0], peers[1]);
 }
 
 #[tokio::test]
