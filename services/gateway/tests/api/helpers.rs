@@ -126,7 +126,7 @@ impl Drop for DataService {
 }
 
 /// An upstream a test controls: `/v1/items/echo` describes the request it received,
-/// `/v1/items/slow?ms=` answers late, `/v1/items/flaky` fails while `failing` is set.
+/// `/v1/items/big?bytes=` answers a large body, `/v1/items/slow?ms=` answers late, `/v1/items/flaky` fails while `failing` is set.
 pub struct TestUpstream {
     pub address: String,
     pub failing: Arc<AtomicBool>,
@@ -147,6 +147,7 @@ impl TestUpstream {
                 .route("/v1/items/slow", web::get().to(slow))
                 .route("/v1/items/flaky", web::get().to(flaky))
                 .route("/v1/items/busy", web::to(busy))
+                .route("/v1/items/big", web::get().to(big))
         })
         .workers(1)
         .listen(listener)
@@ -194,6 +195,18 @@ async fn flaky(shared: Shared) -> HttpResponse {
         HttpResponse::InternalServerError().finish()
     } else {
         HttpResponse::Ok().finish()
+    }
+}
+
+/// `bytes` bytes of `z`, with a length or (`chunked=1`) in chunks of unknown total.
+async fn big(query: web::Query<std::collections::HashMap<String, usize>>) -> HttpResponse {
+    let body = vec![b'z'; query.get("bytes").copied().unwrap_or(0)];
+    if query.get("chunked") == Some(&1) {
+        let chunks: Vec<_> =
+            body.chunks(16 * 1024).map(|c| Ok::<_, std::io::Error>(web::Bytes::copy_from_slice(c))).collect();
+        HttpResponse::Ok().streaming(futures_util::stream::iter(chunks))
+    } else {
+        HttpResponse::Ok().body(body)
     }
 }
 

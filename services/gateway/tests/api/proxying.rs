@@ -197,6 +197,31 @@ async fn large_bodies_stream_through_and_the_limit_holds_while_streaming() {
 }
 
 #[tokio::test]
+async fn large_responses_stream_back_and_the_connection_then_serves_the_next_request() {
+    let upstream = TestUpstream::start();
+    let key = Key::new();
+    let gateway = spawn_gateway(gateway_settings(&upstream.address, &key, 1000, 1000, &unique()), key.clone()).await;
+    let peer = || async {
+        let echoed: Value = gateway.get("/api/v1/items/echo").send().await.unwrap().json().await.unwrap();
+        echoed["peer"].as_str().unwrap().to_owned()
+    };
+    let first = peer().await;
+
+    let sized = gateway.get("/api/v1/items/big?bytes=3000000").send().await.unwrap();
+    assert_eq!(sized.status(), 200);
+    assert_eq!(sized.headers()["content-length"], "3000000");
+    let body = sized.bytes().await.unwrap();
+    assert!(body.len() == 3_000_000 && body.iter().all(|b| *b == b'z'));
+    assert_eq!(peer().await, first, "the connection is reused once the body has been read");
+
+    let chunked = gateway.get("/api/v1/items/big?bytes=200000&chunked=1").send().await.unwrap();
+    assert_eq!(chunked.status(), 200);
+    assert!(chunked.headers().get("content-length").is_none());
+    assert_eq!(chunked.bytes().await.unwrap().len(), 200_000);
+    assert_eq!(peer().await, first);
+}
+
+#[tokio::test]
 async fn idempotency_keys_are_scoped_to_the_client() {
     let data = DataService::start().await;
     let (first, second) = (Key::new(), Key::new());
