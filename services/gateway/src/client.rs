@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -93,7 +94,7 @@ struct Idle {
 pub struct UpstreamClient {
     /// Oldest first: requests take the most recently used connection, so a burst's extra
     /// connections age out.
-    idle: RefCell<HashMap<String, Vec<Idle>>>,
+    idle: RefCell<HashMap<Arc<str>, Vec<Idle>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -107,7 +108,7 @@ impl UpstreamClient {
     /// with the connection's [`Lease`]: release it once the body has been read to the end.
     pub async fn send(
         self: &Rc<Self>,
-        address: &str,
+        address: &Arc<str>,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         loop {
@@ -119,7 +120,7 @@ impl UpstreamClient {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    let lease = Lease { client: self.clone(), address: address.to_owned(), sender };
+                    let lease = Lease { client: self.clone(), address: address.clone(), sender };
                     return Ok((response, lease));
                 }
                 Err(mut error) => match error.take_message() {
@@ -187,7 +188,7 @@ fn classify(error: hyper::Error) -> SendError {
 /// end, it serves the next request; dropped earlier, the connection closes.
 pub struct Lease {
     client: Rc<UpstreamClient>,
-    address: String,
+    address: Arc<str>,
     sender: Sender,
 }
 

@@ -1,8 +1,8 @@
 //! An upstream: its endpoints (round robin; one that refuses a connection is ejected for a
 //! while and then tried again by real traffic), its circuit breaker, and the retry budget.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::header::HeaderValue;
@@ -15,8 +15,8 @@ use crate::configuration::ProxySettings;
 pub struct Endpoint {
     /// Base URL without a trailing slash.
     pub base: String,
-    /// `host:port`, to connect to.
-    pub address: String,
+    /// `host:port`, to connect to; shared, as every request's connection lease names it.
+    pub address: Arc<str>,
     /// The `Host` header the upstream is sent.
     pub host: HeaderValue,
     /// Path of the base URL (empty, or starting with `/`), put in front of every request path.
@@ -46,7 +46,7 @@ impl Endpoint {
         }
         Ok(Self {
             base: base.to_owned(),
-            address: format!("{host}:{port}"),
+            address: Arc::from(format!("{host}:{port}")),
             host: HeaderValue::from_str(authority).map_err(|_| invalid())?,
             path: path.to_owned(),
             ejected_until: Mutex::new(None),
@@ -125,7 +125,7 @@ impl Upstream {
 
     /// `host:port` of each endpoint, for reachability reports.
     pub fn endpoint_addresses(&self) -> Vec<String> {
-        self.endpoints.iter().map(|e| e.address.clone()).collect()
+        self.endpoints.iter().map(|e| e.address.to_string()).collect()
     }
 
     pub fn eject(&self, endpoint: &Endpoint) {
@@ -239,12 +239,12 @@ mod tests {
     #[test]
     fn endpoint_urls_are_parsed_once_and_bad_ones_refused() {
         let endpoint = Endpoint::parse("http://127.0.0.1:8081/").unwrap();
-        assert_eq!((endpoint.address.as_str(), endpoint.path.as_str()), ("127.0.0.1:8081", ""));
+        assert_eq!((&*endpoint.address, endpoint.path.as_str()), ("127.0.0.1:8081", ""));
         assert_eq!(endpoint.host, "127.0.0.1:8081");
         let endpoint = Endpoint::parse("http://data-service/base/").unwrap();
-        assert_eq!((endpoint.address.as_str(), endpoint.path.as_str()), ("data-service:80", "/base"));
+        assert_eq!((&*endpoint.address, endpoint.path.as_str()), ("data-service:80", "/base"));
         assert_eq!(endpoint.host, "data-service");
-        assert_eq!(Endpoint::parse("http://[::1]:9/").unwrap().address, "[::1]:9");
+        assert_eq!(&*Endpoint::parse("http://[::1]:9/").unwrap().address, "[::1]:9");
         for bad in
             ["https://tls.example", "127.0.0.1:8081", "http://", "http://user@host", "http://h/p?q=1", "http://h:x"]
         {
