@@ -3,12 +3,16 @@
 //! The limit is GCRA (a leaky bucket without a background refill), kept in Redis and
 //! evaluated by one Lua script with Redis's own clock, so all replicas draw from one bucket
 //! per key. For fast keys a replica reserves a few requests per call (a lease, see
-//! [`lease_size`]) instead of one, so Redis is not asked on every request. If Redis cannot answer and `fail_open` is set, each replica enforces the key's
-//! limit on its own (governor) and keeps serving; with `fail_open` off it answers 503.
+//! [`lease_size`]) instead of one, so Redis is not asked on every request: one request per
+//! key and replica asks at a time while the others wait for its answer, and a lease running
+//! low is topped up in the background before it runs out. A refusal is remembered until the
+//! moment Redis named, so a client over its limit costs no Redis call per request. If Redis
+//! cannot answer and `fail_open` is set, each replica enforces the key's limit on its own
+//! (governor) and keeps serving; with `fail_open` off it answers 503.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use governor::middleware::StateInformationMiddleware;
@@ -18,6 +22,7 @@ use observability::metrics::HandleCache;
 use redis_access::redis::Script;
 use redis_access::{Redis, RedisError, RedisSettings};
 use secrecy::ExposeSecret;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use crate::auth::Client;
 use crate::configuration::RateLimitSettings;
@@ -54,6 +59,22 @@ struct Lease {
     reset_secs: u64,
 }
 
+/// Redis's last refusal for a key: nothing is admitted before `until`, whichever replica
+/// asks, since the bucket only drains at its fixed rate.
+struct Refusal {
+    until: Instant,
+    reset_secs: u64,
+}
+
+/// What this replica knows about one key's shared bucket.
+#[derive(Default)]
+struct KeyState {
+    lease: Option<Lease>,
+    refusal: Option<Refusal>,
+    /// Held by whoever is asking Redis for this key, so one request asks at a time.
+    asking: Arc<AsyncMutex<()>>,
+}
+
 /// How long a reservation stays usable.
 const LEASE_LIFETIME: Duration = Duration::from_millis(250);
 
@@ -79,17 +100,43 @@ pub struct Decision {
     pub local: bool,
 }
 
+impl Decision {
+    fn refused(client: &Client, refusal: &Refusal, now: Instant) -> Self {
+        Self {
+            allowed: false,
+            limit: client.burst,
+            remaining: 0,
+            reset_secs: refusal.reset_secs,
+            retry_after_secs: refusal.until.saturating_duration_since(now).as_micros().div_ceil(1_000_000).max(1)
+                as u64,
+            local: false,
+        }
+    }
+}
+
 type Local = LocalLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
 pub struct RateLimiter {
-    redis: Redis,
-    prefix: String,
+    buckets: Arc<SharedBuckets>,
     fail_open: bool,
-    script: Script,
-    leases: Mutex<HashMap<Arc<str>, Lease>>,
     local: Mutex<HashMap<Arc<str>, Arc<Local>>>,
     /// `gateway_ratelimit_decisions_total` by key id and decision.
     decisions: HandleCache<(Arc<str>, &'static str), Counter>,
+}
+
+/// The Redis side of the limits, with this replica's leases and remembered refusals.
+struct SharedBuckets {
+    redis: Redis,
+    prefix: String,
+    script: Script,
+    keys: Mutex<HashMap<Arc<str>, KeyState>>,
+}
+
+/// What this replica can decide for a request without asking Redis.
+enum Known {
+    Decided(Decision),
+    /// Nothing leased and no refusal in force: the holder of this lock asks Redis.
+    Unknown(Arc<AsyncMutex<()>>),
 }
 
 impl RateLimiter {
@@ -102,18 +149,20 @@ impl RateLimiter {
             error_counter: "gateway_ratelimit_redis_errors_total",
         })?;
         Ok(Self {
-            redis,
-            prefix: settings.key_prefix.clone(),
+            buckets: Arc::new(SharedBuckets {
+                redis,
+                prefix: settings.key_prefix.clone(),
+                script: Script::new(GCRA),
+                keys: Mutex::new(HashMap::new()),
+            }),
             fail_open: settings.fail_open,
-            script: Script::new(GCRA),
-            leases: Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),
             decisions: HandleCache::new(),
         })
     }
 
     pub fn redis(&self) -> &Redis {
-        &self.redis
+        &self.buckets.redis
     }
 
     /// `None`: Redis is unavailable and `fail_open` is off.
@@ -137,30 +186,77 @@ impl RateLimiter {
         Some(decision)
     }
 
-    fn take_leased(&self, client: &Client) -> Option<Decision> {
-        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        let lease = leases.get_mut(&client.key_id).filter(|l| l.tokens > 0 && l.expires > Instant::now())?;
-        lease.tokens -= 1;
-        Some(Decision {
-            allowed: true,
-            limit: client.burst,
-            remaining: lease.remaining_after + lease.tokens,
-            reset_secs: lease.reset_secs,
-            retry_after_secs: 0,
-            local: false,
-        })
-    }
-
     async fn shared(&self, client: &Client) -> Option<Decision> {
-        if let Some(decision) = self.take_leased(client) {
-            return Some(decision);
-        }
-        if self.redis.bypassed() {
+        let asking = match self.buckets.known(client) {
+            Known::Decided(decision) => return Some(decision),
+            Known::Unknown(asking) => asking,
+        };
+        if self.buckets.redis.bypassed() {
             return None;
         }
+        let _turn = asking.lock().await;
+        // Whoever asked before this request may have left tokens or a refusal.
+        if let Known::Decided(decision) = self.buckets.known(client) {
+            return Some(decision);
+        }
+        self.buckets.ask(client, lease_size(client), true).await
+    }
+}
+
+impl SharedBuckets {
+    fn keys(&self) -> MutexGuard<'_, HashMap<Arc<str>, KeyState>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a leased token or applies a standing refusal; starts a background top-up when
+    /// the lease runs low and nobody is asking Redis for this key yet.
+    fn known(self: &Arc<Self>, client: &Client) -> Known {
+        let now = Instant::now();
+        let mut keys = self.keys();
+        let state = keys.entry(client.key_id.clone()).or_default();
+        if let Some(lease) = state.lease.as_mut().filter(|l| l.tokens > 0 && l.expires > now) {
+            lease.tokens -= 1;
+            let decision = Decision {
+                allowed: true,
+                limit: client.burst,
+                remaining: lease.remaining_after + lease.tokens,
+                reset_secs: lease.reset_secs,
+                retry_after_secs: 0,
+                local: false,
+            };
+            let size = lease_size(client);
+            if lease.tokens < size / 2
+                && let Ok(turn) = state.asking.clone().try_lock_owned()
+            {
+                drop(keys);
+                self.top_up(client.clone(), size, turn);
+            }
+            return Known::Decided(decision);
+        }
+        match &state.refusal {
+            Some(refusal) if refusal.until > now => Known::Decided(Decision::refused(client, refusal, now)),
+            _ => Known::Unknown(state.asking.clone()),
+        }
+    }
+
+    /// Reserves the next lease while the current one still lasts, so that requests do not
+    /// wait for Redis.
+    fn top_up(self: &Arc<Self>, client: Client, size: u32, turn: OwnedMutexGuard<()>) {
+        if self.redis.bypassed() {
+            return;
+        }
+        let buckets = self.clone();
+        actix_web::rt::spawn(async move {
+            let _turn = turn;
+            buckets.ask(&client, size, false).await;
+        });
+    }
+
+    /// Asks Redis for up to `wanted` requests and records the answer; with `for_request`,
+    /// one granted request is this request's own. `None` when Redis could not answer.
+    async fn ask(&self, client: &Client, wanted: u32, for_request: bool) -> Option<Decision> {
         let key = format!("{}{}", self.prefix, client.key_id);
         let interval_us = (1_000_000 / u64::from(client.rate_per_sec)).max(1);
-        let wanted = lease_size(client);
         let script = &self.script;
         let reply: (i64, i64, i64) = self
             .redis
@@ -175,25 +271,34 @@ impl RateLimiter {
         let capacity_us = interval_us * u64::from(client.burst);
         let remaining = u32::try_from(capacity_us.saturating_sub(used_us) / interval_us).unwrap_or(0);
         let reset_secs = used_us.div_ceil(1_000_000);
-        if granted > 1 {
-            let lease = Lease {
-                tokens: granted - 1,
-                expires: Instant::now() + LEASE_LIFETIME,
-                remaining_after: remaining,
-                reset_secs,
-            };
-            self.leases.lock().unwrap_or_else(|e| e.into_inner()).insert(client.key_id.clone(), lease);
+        let now = Instant::now();
+        let mut keys = self.keys();
+        let state = keys.entry(client.key_id.clone()).or_default();
+        if granted == 0 {
+            let refusal =
+                Refusal { until: now + Duration::from_micros(u64::try_from(retry_after_us).unwrap_or(0)), reset_secs };
+            let decision = Decision::refused(client, &refusal, now);
+            state.refusal = Some(refusal);
+            return Some(decision);
         }
+        state.refusal = None;
+        let own = u32::from(for_request);
+        // Tokens of a lease still valid are kept: each was granted by Redis.
+        let kept = state.lease.as_ref().filter(|l| l.expires > now).map_or(0, |l| l.tokens);
+        let tokens = kept + granted - own;
+        state.lease = Some(Lease { tokens, expires: now + LEASE_LIFETIME, remaining_after: remaining, reset_secs });
         Some(Decision {
-            allowed: granted >= 1,
+            allowed: true,
             limit: client.burst,
-            remaining: remaining + granted.saturating_sub(1),
+            remaining: remaining + tokens,
             reset_secs,
-            retry_after_secs: u64::try_from(retry_after_us).unwrap_or(0).div_ceil(1_000_000).max(1),
+            retry_after_secs: 0,
             local: false,
         })
     }
+}
 
+impl RateLimiter {
     fn local(&self, client: &Client) -> Decision {
         let limiter = {
             let mut limiters = self.local.lock().unwrap_or_else(|e| e.into_inner());
