@@ -4,6 +4,9 @@
 //! Errors follow pingora's split: the client's fault (downstream: 401, 404, 413, 429), the
 //! upstream's (502, 503, 504), or ours (500).
 
+use std::cell::RefCell;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +24,7 @@ use observability::middleware::{record_client, status_label};
 use observability::request_id::propagation_headers;
 use problem::Problem;
 use sha2::{Digest, Sha256};
+use tokio::time::Sleep;
 
 use crate::auth::Authenticator;
 use crate::client::{Lease, RequestBody, SendError, StreamedBody, UpstreamClient};
@@ -179,12 +183,14 @@ impl ForwardedHead {
         }
         let previous = req.headers().get(header::X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
         let forwarded_for = match (previous, req.peer_addr()) {
-            (Some(previous), Some(peer)) => Some(format!("{previous}, {}", peer.ip())),
-            (None, Some(peer)) => Some(peer.ip().to_string()),
-            (Some(previous), None) => Some(previous.to_owned()),
+            (Some(previous), Some(peer)) => {
+                upstream_header::HeaderValue::from_str(&format!("{previous}, {}", peer.ip())).ok()
+            }
+            (None, Some(peer)) => peer_address_value(peer.ip()),
+            (Some(previous), None) => upstream_header::HeaderValue::from_str(previous).ok(),
             (None, None) => None,
         };
-        if let Some(value) = forwarded_for.and_then(|v| upstream_header::HeaderValue::from_str(&v).ok()) {
+        if let Some(value) = forwarded_for {
             headers.insert(X_FORWARDED_FOR, value);
         }
         headers.insert(X_FORWARDED_PROTO, upstream_header::HeaderValue::from_static("http"));
@@ -199,15 +205,34 @@ impl ForwardedHead {
         Ok(Self { method, target, headers })
     }
 
-    fn request(&self, endpoint: &Endpoint, body: RequestBody) -> Result<hyper::Request<RequestBody>, String> {
-        let uri = format!("{}{}", endpoint.path, self.target).parse::<hyper::Uri>().map_err(|e| e.to_string())?;
+    fn into_request(self, endpoint: &Endpoint, body: RequestBody) -> Result<hyper::Request<RequestBody>, String> {
+        let uri = if endpoint.path.is_empty() { self.target } else { format!("{}{}", endpoint.path, self.target) };
         let mut request = hyper::Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = uri;
-        *request.headers_mut() = self.headers.clone();
+        *request.method_mut() = self.method;
+        *request.uri_mut() = uri.parse::<hyper::Uri>().map_err(|e| e.to_string())?;
+        *request.headers_mut() = self.headers;
         request.headers_mut().insert(upstream_header::HOST, endpoint.host.clone());
         Ok(request)
     }
+}
+
+thread_local! {
+    /// The last client address written as a header value on this worker.
+    static LAST_PEER: RefCell<Option<(IpAddr, Option<upstream_header::HeaderValue>)>> = const { RefCell::new(None) };
+}
+
+/// `peer` as a header value. Formatting an address costs more than the rest of the
+/// forwarded head, and a gateway mostly hears from the same few peers (load balancers,
+/// keep-alive clients), so each worker keeps the last one.
+fn peer_address_value(peer: IpAddr) -> Option<upstream_header::HeaderValue> {
+    LAST_PEER.with_borrow_mut(|last| match last {
+        Some((ip, value)) if *ip == peer => value.clone(),
+        _ => {
+            let value = upstream_header::HeaderValue::from_str(&peer.to_string()).ok();
+            *last = Some((peer, value.clone()));
+            value
+        }
+    })
 }
 
 /// How one attempt at the upstream went.
@@ -261,12 +286,16 @@ pub async fn proxy(
     }
     upstream.deposit_retry_budget();
 
-    let head = match ForwardedHead::new(&req, route, &caller.key_id) {
-        Ok(head) => head,
+    // The first attempt takes the head; a retry builds it again from the request.
+    let mut first_head = match ForwardedHead::new(&req, route, &caller.key_id) {
+        Ok(head) => Some(head),
         Err(problem) => return Ok(problem_with_limits(problem, &decision)),
     };
     let started = Instant::now();
     let deadline = started + route.timeout;
+    // One timer for the whole exchange (every attempt, backoff and the buffered body):
+    // registered once, however often it is awaited.
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline.into()));
     let mut body = Some(RequestBody::Streamed { payload, remaining: gateway.body_limit });
     let retryable = is_idempotent(req.method()) && !has_body;
     let mut attempt_number = 0;
@@ -282,16 +311,25 @@ pub async fn proxy(
         } else {
             RequestBody::Empty
         };
-        let request = match head.request(endpoint, request_body) {
+        let head = match first_head.take().map_or_else(|| ForwardedHead::new(&req, route, &caller.key_id), Ok) {
+            Ok(head) => head,
+            // Built from the same request as the first head, which succeeded.
+            Err(problem) => break Attempt::Failed(problem.to_string()),
+        };
+        let request = match head.into_request(endpoint, request_body) {
             Ok(request) => request,
             Err(cause) => break Attempt::Failed(cause),
         };
-        let attempt = match tokio::time::timeout_at(deadline.into(), client.send(&endpoint.address, request)).await {
-            Err(_) => break Attempt::TimedOut,
-            Ok(Ok((response, lease))) => Attempt::Response(response, lease),
-            Ok(Err(SendError::Connect(cause))) => Attempt::ConnectFailed(cause),
-            Ok(Err(SendError::BodyTooLarge)) => Attempt::TooLarge,
-            Ok(Err(SendError::Failed(cause))) => Attempt::Failed(cause),
+        let sent = tokio::select! {
+            biased;
+            sent = client.send(&endpoint.address, request) => sent,
+            () = timer.as_mut() => break Attempt::TimedOut,
+        };
+        let attempt = match sent {
+            Ok((response, lease)) => Attempt::Response(response, lease),
+            Err(SendError::Connect(cause)) => Attempt::ConnectFailed(cause),
+            Err(SendError::BodyTooLarge) => Attempt::TooLarge,
+            Err(SendError::Failed(cause)) => Attempt::Failed(cause),
         };
         let may_retry = attempt_number < gateway.max_retries && Instant::now() < deadline;
         match &attempt {
@@ -307,7 +345,11 @@ pub async fn proxy(
         }
         attempt_number += 1;
         let backoff = Duration::from_millis(fastrand::u64(10..=25) * u64::from(attempt_number));
-        tokio::time::sleep_until(Instant::now().checked_add(backoff).unwrap_or(deadline).min(deadline).into()).await;
+        let backoff_until = Instant::now().checked_add(backoff).unwrap_or(deadline);
+        if backoff_until >= deadline {
+            break Attempt::TimedOut;
+        }
+        tokio::time::sleep_until(backoff_until.into()).await;
     };
 
     let outcome_label = match &outcome {
@@ -324,7 +366,7 @@ pub async fn proxy(
     match outcome {
         Attempt::Response(response, lease) => {
             upstream.record(!response.status().is_server_error());
-            Ok(relay(response, lease, route, &decision, deadline).await)
+            Ok(relay(response, lease, route, &decision, timer).await)
         }
         Attempt::TooLarge => {
             // The upstream never saw the whole body; not its failure.
@@ -364,7 +406,7 @@ async fn relay(
     lease: Lease,
     route: &Route,
     decision: &Decision,
-    deadline: Instant,
+    deadline: Pin<&mut Sleep>,
 ) -> HttpResponse {
     let (head, body) = response.into_parts();
     let status = StatusCode::from_u16(head.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -395,16 +437,21 @@ async fn relay(
     match length {
         Some(length) if length <= BUFFERED_BODY_LIMIT => {
             let read = Limited::new(body, BUFFERED_BODY_LIMIT as usize).collect();
-            match tokio::time::timeout_at(deadline.into(), read).await {
-                Ok(Ok(collected)) => {
+            let collected = tokio::select! {
+                biased;
+                collected = read => Some(collected),
+                () = deadline => None,
+            };
+            match collected {
+                Some(Ok(collected)) => {
                     lease.release();
                     builder.body(collected.to_bytes())
                 }
-                Ok(Err(error)) => {
+                Some(Err(error)) => {
                     tracing::warn!(%error, "upstream response body broke off");
                     HttpResponse::from_error(Problem::new(StatusCode::BAD_GATEWAY, "the upstream response broke off"))
                 }
-                Err(_) => {
+                None => {
                     tracing::warn!(timeout_ms = route.timeout.as_millis() as u64, "upstream response body timed out");
                     HttpResponse::from_error(upstream_timed_out(&route.upstream))
                 }
