@@ -23,11 +23,16 @@ const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
 struct Queue {
     bytes: Vec<u8>,
     closed: bool,
+    /// The background thread is parked until a line arrives. Only then does a writer signal
+    /// it: under steady logging it is already timing the next batch, and a needless signal
+    /// is a system call on the request's thread.
+    writer_parked: bool,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
-    /// Signalled when a batch starts, grows past [`BATCH_BYTES`] or the writer closes.
+    /// Signalled when a line arrives for the parked thread, when a batch grows past
+    /// [`BATCH_BYTES`], or when the writer closes.
     batch_ready: Condvar,
     /// Signalled when the background thread has taken the queued bytes.
     drained: Condvar,
@@ -55,7 +60,7 @@ impl BatchedWriter {
     /// Starts the background thread writing to `out`.
     pub fn spawn<W: Write + Send + 'static>(out: W) -> io::Result<(Self, BatchedWriterGuard)> {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { bytes: Vec::with_capacity(BATCH_BYTES), closed: false }),
+            queue: Mutex::new(Queue { bytes: Vec::with_capacity(BATCH_BYTES), closed: false, writer_parked: false }),
             batch_ready: Condvar::new(),
             drained: Condvar::new(),
         });
@@ -73,8 +78,10 @@ fn write_batches<W: Write>(shared: &Shared, mut out: W) {
     loop {
         let mut queue = shared.lock();
         while queue.bytes.is_empty() && !queue.closed {
+            queue.writer_parked = true;
             queue = shared.batch_ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
         }
+        queue.writer_parked = false;
         if !queue.closed && queue.bytes.len() < BATCH_BYTES {
             queue = shared.batch_ready.wait_timeout(queue, BATCH_WINDOW).unwrap_or_else(PoisonError::into_inner).0;
         }
@@ -102,11 +109,11 @@ impl Write for BatchedWriter {
         while queue.bytes.len() >= MAX_QUEUED_BYTES && !queue.closed {
             queue = self.shared.drained.wait(queue).unwrap_or_else(PoisonError::into_inner);
         }
-        let starts_batch = queue.bytes.is_empty();
+        let wakes_writer = std::mem::take(&mut queue.writer_parked);
         queue.bytes.extend_from_slice(bytes);
         let large = queue.bytes.len() >= BATCH_BYTES && queue.bytes.len() - bytes.len() < BATCH_BYTES;
         drop(queue);
-        if starts_batch || large {
+        if wakes_writer || large {
             self.shared.batch_ready.notify_one();
         }
         Ok(bytes.len())
@@ -178,6 +185,31 @@ mod tests {
             let own: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with(&format!("thread {t} "))).collect();
             let expected: Vec<String> = (0..5_000).map(|i| format!("thread {t} line {i}")).collect();
             assert_eq!(own, expected, "thread {t}'s lines are all there, in order");
+        }
+    }
+
+    /// Hands each written batch over a channel, so a test can wait for it.
+    struct Announcing(std::sync::mpsc::Sender<Vec<u8>>);
+
+    impl Write for Announcing {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            let _ = self.0.send(bytes.to_vec());
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_logged_while_the_writer_is_parked_wakes_it() {
+        let (sender, batches) = std::sync::mpsc::channel();
+        let (writer, _guard) = BatchedWriter::spawn(Announcing(sender)).unwrap();
+        for line in ["first\n", "second\n"] {
+            // Parked or not when the line arrives, the thread writes it without a flush.
+            writer.make_writer().write_all(line.as_bytes()).unwrap();
+            let batch = batches.recv_timeout(Duration::from_secs(10)).expect("written without a flush");
+            assert_eq!(batch, line.as_bytes());
         }
     }
 }

@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
+use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
 use tracing_bunyan_formatter::{BunyanFormattingLayer, JsonStorageLayer};
 use tracing_subscriber::fmt::MakeWriter;
@@ -77,7 +78,7 @@ where
     let formatter = BunyanFormattingLayer::with_default_fields(service.name.to_owned(), writer, default_fields)
         .skip_fields(["file", "line"].into_iter())
         .expect("file and line are not core bunyan fields");
-    Registry::default().with(filter).with(JsonStorageLayer).with(EventsOnly(formatter))
+    Registry::default().with(filter).with(SpanFieldsOnly(JsonStorageLayer)).with(EventsOnly(formatter))
 }
 
 /// `RUST_LOG` when set and not blank, else the configured level; the request root span is
@@ -104,6 +105,25 @@ where
 {
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         self.0.on_event(event, ctx);
+    }
+}
+
+/// Forwards span creation and recorded fields only. The storage layer also times every span
+/// (an `Instant` stored on first entry, `elapsed_milliseconds` added on close), which only
+/// span lines would show, and [`EventsOnly`] writes none.
+struct SpanFieldsOnly<L>(L);
+
+impl<S, L> Layer<S> for SpanFieldsOnly<L>
+where
+    S: Subscriber,
+    L: Layer<S>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        self.0.on_new_span(attrs, id, ctx);
+    }
+
+    fn on_record(&self, span: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        self.0.on_record(span, values, ctx);
     }
 }
 
@@ -201,6 +221,26 @@ mod tests {
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert_eq!(lines[0]["request_id"], "r-1");
         assert_eq!(lines[0]["table"], "items");
+    }
+
+    #[test]
+    fn fields_recorded_on_a_span_after_it_opened_reach_later_events() {
+        let lines = capture("info", || {
+            let root = tracing::info_span!(
+                target: REQUEST_SPAN_TARGET,
+                "http_request",
+                request_id = "r-3",
+                client = tracing::field::Empty
+            );
+            let _root = root.enter();
+            tracing::info!("before");
+            root.record("client", "key-id");
+            tracing::info!("after");
+        });
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].get("client").is_none());
+        assert_eq!(lines[1]["client"], "key-id");
+        assert_eq!(lines[1]["request_id"], "r-3");
     }
 
     #[test]
