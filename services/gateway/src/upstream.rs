@@ -1,7 +1,7 @@
 //! An upstream: its endpoints (round robin; one that refuses a connection is ejected for a
 //! while and then tried again by real traffic), its circuit breaker, and the retry budget.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,9 @@ pub struct Endpoint {
     pub host: HeaderValue,
     /// Path of the base URL (empty, or starting with `/`), put in front of every request path.
     pub path: String,
-    ejected_until: Mutex<Option<Instant>>,
+    /// Milliseconds after the upstream's `epoch` until which the endpoint rests; 0: never
+    /// ejected. An atomic, because every request reads it.
+    ejected_until_ms: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +51,7 @@ impl Endpoint {
             address: Arc::from(format!("{host}:{port}")),
             host: HeaderValue::from_str(authority).map_err(|_| invalid())?,
             path: path.to_owned(),
-            ejected_until: Mutex::new(None),
+            ejected_until_ms: AtomicU64::new(0),
         })
     }
 }
@@ -71,6 +73,12 @@ pub struct Upstream {
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
     breaker: Mutex<BreakerState>,
+    /// The breaker is closed with no failure counted: the state of nearly every request,
+    /// read without taking the lock (which the replica's workers would otherwise contend for
+    /// twice per request).
+    healthy: AtomicBool,
+    /// Origin of the endpoints' ejection times.
+    epoch: Instant,
     breaker_failures: u32,
     breaker_open: Duration,
     eject_for: Duration,
@@ -99,6 +107,8 @@ impl Upstream {
             endpoints: urls.iter().map(|url| Endpoint::parse(url)).collect::<Result<_, _>>()?,
             next: AtomicUsize::new(0),
             breaker: Mutex::new(BreakerState::Closed { failures: 0 }),
+            healthy: AtomicBool::new(true),
+            epoch: Instant::now(),
             breaker_failures: settings.breaker_failures.max(1),
             breaker_open: Duration::from_secs(settings.breaker_open_secs),
             eject_for: Duration::from_secs(settings.eject_secs),
@@ -115,12 +125,16 @@ impl Upstream {
     /// (so an upstream whose endpoints all failed is probed rather than given up on).
     pub fn pick(&self) -> Option<&Endpoint> {
         let count = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
+        let start = if count > 1 { self.next.fetch_add(1, Ordering::Relaxed) } else { 0 };
+        let now_ms = self.millis_since_epoch();
         (0..count)
             .map(|i| &self.endpoints[(start + i) % count])
-            .find(|e| e.ejected_until.lock().map(|until| until.is_none_or(|t| t <= now)).unwrap_or(true))
+            .find(|e| e.ejected_until_ms.load(Ordering::Relaxed) <= now_ms)
             .or_else(|| self.endpoints.get(start % count.max(1)))
+    }
+
+    fn millis_since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// `host:port` of each endpoint, for reachability reports.
@@ -129,13 +143,15 @@ impl Upstream {
     }
 
     pub fn eject(&self, endpoint: &Endpoint) {
-        if let Ok(mut until) = endpoint.ejected_until.lock() {
-            *until = Some(Instant::now() + self.eject_for);
-        }
+        let rest_ms = u64::try_from(self.eject_for.as_millis()).unwrap_or(u64::MAX);
+        endpoint.ejected_until_ms.store(self.millis_since_epoch().saturating_add(rest_ms).max(1), Ordering::Relaxed);
         tracing::warn!(upstream = %self.name, endpoint = %endpoint.base, eject_secs = self.eject_for.as_secs(), "endpoint ejected");
     }
 
     pub fn admit(&self) -> Admission {
+        if self.healthy.load(Ordering::Acquire) {
+            return Admission::Allowed;
+        }
         let mut state = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
         match *state {
             BreakerState::Closed { .. } => Admission::Allowed,
@@ -153,6 +169,9 @@ impl Upstream {
 
     /// Records the outcome of an admitted request.
     pub fn record(&self, success: bool) {
+        if success && self.healthy.load(Ordering::Acquire) {
+            return;
+        }
         let mut state = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
         let next = match (*state, success) {
             (_, true) => BreakerState::Closed { failures: 0 },
@@ -166,6 +185,7 @@ impl Upstream {
             self.publish_state(next);
         }
         *state = next;
+        self.healthy.store(next == BreakerState::Closed { failures: 0 }, Ordering::Release);
     }
 
     fn publish_state(&self, state: BreakerState) {
@@ -192,8 +212,9 @@ impl Upstream {
 
     /// Every request adds a fraction of a retry token (up to a cap).
     pub fn deposit_retry_budget(&self) {
+        // A full budget (the usual case) is only read: no write for the workers to contend on.
         let _ = self.retry_tokens_milli.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| {
-            Some((tokens + self.retry_deposit_milli).min(MAX_RETRY_TOKENS_MILLI))
+            (tokens < MAX_RETRY_TOKENS_MILLI).then(|| (tokens + self.retry_deposit_milli).min(MAX_RETRY_TOKENS_MILLI))
         });
     }
 
@@ -264,6 +285,22 @@ mod tests {
         assert!(matches!(upstream.admit(), Admission::Shed(_)));
         upstream.record(true);
         assert!(matches!(upstream.admit(), Admission::Allowed));
+    }
+
+    #[test]
+    fn a_success_forgets_earlier_failures() {
+        let upstream = Upstream::new("u", &["http://a".to_owned()], &settings()).unwrap();
+        for _ in 0..3 {
+            upstream.record(false);
+            upstream.record(false);
+            upstream.record(true);
+        }
+        assert!(matches!(upstream.admit(), Admission::Allowed), "never three failures in a row");
+        upstream.record(false);
+        upstream.record(false);
+        upstream.record(false);
+        assert!(matches!(upstream.admit(), Admission::Allowed), "open for 0 s: the probe");
+        assert!(matches!(upstream.admit(), Admission::Shed(_)));
     }
 
     #[test]
