@@ -75,8 +75,13 @@ impl Authenticator {
         self.keys.len()
     }
 
+    /// Every configured client.
+    pub fn clients(&self) -> impl Iterator<Item = &Client> {
+        self.keys.iter().map(|(client, _)| client)
+    }
+
     /// The client behind the request's bearer key, or the 401 to answer.
-    pub fn authenticate(&self, req: &HttpRequest) -> Result<Client, Problem> {
+    pub fn authenticate(&self, req: &HttpRequest) -> Result<&Client, Problem> {
         let Some(header) = req.headers().get(AUTHORIZATION) else {
             return Err(unauthorized("missing"));
         };
@@ -94,7 +99,7 @@ impl Authenticator {
         let mut found = None;
         for (client, hash) in &self.keys {
             if bool::from(hash.ct_eq(&presented)) {
-                found = Some(client.clone());
+                found = Some(client);
             }
         }
         found.ok_or_else(|| unauthorized("unknown"))

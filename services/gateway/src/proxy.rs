@@ -262,7 +262,7 @@ pub async fn proxy(
     let caller = gateway.auth.authenticate(&req)?;
     record_client(&caller.key_id);
 
-    let Some(decision) = gateway.limiter.check(&caller).await else {
+    let Some(decision) = gateway.limiter.check(caller).await else {
         return Err(Problem::unavailable("rate limiting is unavailable; retry shortly", 1));
     };
     if !decision.allowed {

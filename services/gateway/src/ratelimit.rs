@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter as LocalLimiter, clock::DefaultClock, state::InMemoryState, state::NotKeyed};
 use metrics::Counter;
-use observability::metrics::HandleCache;
 use redis_access::redis::Script;
 use redis_access::{Redis, RedisError, RedisSettings};
 use secrecy::ExposeSecret;
@@ -120,8 +119,6 @@ pub struct RateLimiter {
     buckets: Arc<SharedBuckets>,
     fail_open: bool,
     local: Mutex<HashMap<Arc<str>, Arc<Local>>>,
-    /// `gateway_ratelimit_decisions_total` by key id and decision.
-    decisions: HandleCache<(Arc<str>, &'static str), Counter>,
 }
 
 /// The Redis side of the limits, with this replica's leases and remembered refusals.
@@ -129,7 +126,32 @@ struct SharedBuckets {
     redis: Redis,
     prefix: String,
     script: Script,
-    keys: Mutex<HashMap<Arc<str>, KeyState>>,
+    /// Built at start from the configured keys, never changed: looked up without a lock.
+    keys: HashMap<Arc<str>, KeyEntry>,
+}
+
+struct KeyEntry {
+    state: Mutex<KeyState>,
+    /// `gateway_ratelimit_decisions_total` of the key, by [`DECISIONS`].
+    decisions: [Counter; 4],
+}
+
+/// The `decision` label: allowed, limited, and the same decided locally.
+const DECISIONS: [&str; 4] = ["allowed", "limited", "allowed_local", "limited_local"];
+
+impl KeyEntry {
+    fn new(key_id: &str) -> Self {
+        Self {
+            state: Mutex::new(KeyState::default()),
+            decisions: DECISIONS.map(|decision| {
+                metrics::counter!("gateway_ratelimit_decisions_total", "key_id" => key_id.to_owned(), "decision" => decision)
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, KeyState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What this replica can decide for a request without asking Redis.
@@ -140,7 +162,10 @@ enum Known {
 }
 
 impl RateLimiter {
-    pub fn new(settings: &RateLimitSettings) -> Result<Self, RedisError> {
+    pub fn new<'a>(
+        settings: &RateLimitSettings,
+        clients: impl Iterator<Item = &'a Client>,
+    ) -> Result<Self, RedisError> {
         let redis = Redis::new(&RedisSettings {
             url: settings.redis_url.expose_secret(),
             pool_size: 16,
@@ -153,11 +178,10 @@ impl RateLimiter {
                 redis,
                 prefix: settings.key_prefix.clone(),
                 script: Script::new(GCRA),
-                keys: Mutex::new(HashMap::new()),
+                keys: clients.map(|client| (client.key_id.clone(), KeyEntry::new(&client.key_id))).collect(),
             }),
             fail_open: settings.fail_open,
             local: Mutex::new(HashMap::new()),
-            decisions: HandleCache::new(),
         })
     }
 
@@ -165,29 +189,21 @@ impl RateLimiter {
         &self.buckets.redis
     }
 
-    /// `None`: Redis is unavailable and `fail_open` is off.
+    /// `None`: Redis is unavailable and `fail_open` is off (or `client` is not a configured key).
     pub async fn check(&self, client: &Client) -> Option<Decision> {
-        let decision = match self.shared(client).await {
+        // Clients come from the configured keys, and every configured key has an entry.
+        let entry = self.buckets.keys.get(&client.key_id)?;
+        let decision = match self.shared(entry, client).await {
             Some(decision) => decision,
             None if self.fail_open => self.local(client),
             None => return None,
         };
-        let label = match (decision.allowed, decision.local) {
-            (true, false) => "allowed",
-            (false, false) => "limited",
-            (true, true) => "allowed_local",
-            (false, true) => "limited_local",
-        };
-        self.decisions
-            .get(&(client.key_id.clone(), label), |(key_id, decision)| {
-                metrics::counter!("gateway_ratelimit_decisions_total", "key_id" => key_id.to_string(), "decision" => *decision)
-            })
-            .increment(1);
+        entry.decisions[usize::from(!decision.allowed) + 2 * usize::from(decision.local)].increment(1);
         Some(decision)
     }
 
-    async fn shared(&self, client: &Client) -> Option<Decision> {
-        let asking = match self.buckets.known(client) {
+    async fn shared(&self, entry: &KeyEntry, client: &Client) -> Option<Decision> {
+        let asking = match self.buckets.known(entry, client) {
             Known::Decided(decision) => return Some(decision),
             Known::Unknown(asking) => asking,
         };
@@ -196,24 +212,19 @@ impl RateLimiter {
         }
         let _turn = asking.lock().await;
         // Whoever asked before this request may have left tokens or a refusal.
-        if let Known::Decided(decision) = self.buckets.known(client) {
+        if let Known::Decided(decision) = self.buckets.known(entry, client) {
             return Some(decision);
         }
-        self.buckets.ask(client, lease_size(client), true).await
+        self.buckets.ask(entry, client, lease_size(client), true).await
     }
 }
 
 impl SharedBuckets {
-    fn keys(&self) -> MutexGuard<'_, HashMap<Arc<str>, KeyState>> {
-        self.keys.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Takes a leased token or applies a standing refusal; starts a background top-up when
     /// the lease runs low and nobody is asking Redis for this key yet.
-    fn known(self: &Arc<Self>, client: &Client) -> Known {
+    fn known(self: &Arc<Self>, entry: &KeyEntry, client: &Client) -> Known {
         let now = Instant::now();
-        let mut keys = self.keys();
-        let state = keys.entry(client.key_id.clone()).or_default();
+        let mut state = entry.state();
         if let Some(lease) = state.lease.as_mut().filter(|l| l.tokens > 0 && l.expires > now) {
             lease.tokens -= 1;
             let decision = Decision {
@@ -228,7 +239,7 @@ impl SharedBuckets {
             if lease.tokens < size / 2
                 && let Ok(turn) = state.asking.clone().try_lock_owned()
             {
-                drop(keys);
+                drop(state);
                 self.top_up(client.clone(), size, turn);
             }
             return Known::Decided(decision);
@@ -248,13 +259,15 @@ impl SharedBuckets {
         let buckets = self.clone();
         actix_web::rt::spawn(async move {
             let _turn = turn;
-            buckets.ask(&client, size, false).await;
+            if let Some(entry) = buckets.keys.get(&client.key_id) {
+                buckets.ask(entry, &client, size, false).await;
+            }
         });
     }
 
     /// Asks Redis for up to `wanted` requests and records the answer; with `for_request`,
     /// one granted request is this request's own. `None` when Redis could not answer.
-    async fn ask(&self, client: &Client, wanted: u32, for_request: bool) -> Option<Decision> {
+    async fn ask(&self, entry: &KeyEntry, client: &Client, wanted: u32, for_request: bool) -> Option<Decision> {
         let key = format!("{}{}", self.prefix, client.key_id);
         let interval_us = (1_000_000 / u64::from(client.rate_per_sec)).max(1);
         let script = &self.script;
@@ -272,8 +285,7 @@ impl SharedBuckets {
         let remaining = u32::try_from(capacity_us.saturating_sub(used_us) / interval_us).unwrap_or(0);
         let reset_secs = used_us.div_ceil(1_000_000);
         let now = Instant::now();
-        let mut keys = self.keys();
-        let state = keys.entry(client.key_id.clone()).or_default();
+        let mut state = entry.state();
         if granted == 0 {
             let refusal =
                 Refusal { until: now + Duration::from_micros(u64::try_from(retry_after_us).unwrap_or(0)), reset_secs };

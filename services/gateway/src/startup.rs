@@ -87,7 +87,7 @@ impl Application {
             .collect::<Result<Vec<_>, StartupError>>()?;
         let auth = Authenticator::from_settings(&settings.auth)?;
         tracing::info!(keys = auth.key_count(), routes = routes.len(), "configuration loaded");
-        let limiter = RateLimiter::new(&settings.rate_limit)?;
+        let limiter = RateLimiter::new(&settings.rate_limit, auth.clients())?;
         let checks: Vec<Arc<dyn HealthCheck>> = vec![
             // Reported, not critical: without Redis each replica limits on its own.
             Arc::new(RedisCheck(limiter.redis().clone())),
