@@ -118,7 +118,6 @@ type Local = LocalLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformatio
 pub struct RateLimiter {
     buckets: Arc<SharedBuckets>,
     fail_open: bool,
-    local: Mutex<HashMap<Arc<str>, Arc<Local>>>,
 }
 
 /// The Redis side of the limits, with this replica's leases and remembered refusals.
@@ -132,6 +131,8 @@ struct SharedBuckets {
 
 struct KeyEntry {
     state: Mutex<KeyState>,
+    /// This replica's own limiter for the key, used while Redis cannot be asked.
+    local: Local,
     /// `gateway_ratelimit_decisions_total` of the key, by [`DECISIONS`].
     decisions: [Counter; 4],
 }
@@ -140,9 +141,13 @@ struct KeyEntry {
 const DECISIONS: [&str; 4] = ["allowed", "limited", "allowed_local", "limited_local"];
 
 impl KeyEntry {
-    fn new(key_id: &str) -> Self {
+    fn new(client: &Client) -> Self {
+        let key_id = &*client.key_id;
+        let rate = NonZeroU32::new(client.rate_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(client.burst).unwrap_or(NonZeroU32::MIN);
         Self {
             state: Mutex::new(KeyState::default()),
+            local: LocalLimiter::direct(Quota::per_second(rate).allow_burst(burst)).with_middleware(),
             decisions: DECISIONS.map(|decision| {
                 metrics::counter!("gateway_ratelimit_decisions_total", "key_id" => key_id.to_owned(), "decision" => decision)
             }),
@@ -178,10 +183,9 @@ impl RateLimiter {
                 redis,
                 prefix: settings.key_prefix.clone(),
                 script: Script::new(GCRA),
-                keys: clients.map(|client| (client.key_id.clone(), KeyEntry::new(&client.key_id))).collect(),
+                keys: clients.map(|client| (client.key_id.clone(), KeyEntry::new(client))).collect(),
             }),
             fail_open: settings.fail_open,
-            local: Mutex::new(HashMap::new()),
         })
     }
 
@@ -195,7 +199,7 @@ impl RateLimiter {
         let entry = self.buckets.keys.get(&client.key_id)?;
         let decision = match self.shared(entry, client).await {
             Some(decision) => decision,
-            None if self.fail_open => self.local(client),
+            None if self.fail_open => local_decision(&entry.local, client),
             None => return None,
         };
         entry.decisions[usize::from(!decision.allowed) + 2 * usize::from(decision.local)].increment(1);
@@ -310,43 +314,31 @@ impl SharedBuckets {
     }
 }
 
-impl RateLimiter {
-    fn local(&self, client: &Client) -> Decision {
-        let limiter = {
-            let mut limiters = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            limiters
-                .entry(client.key_id.clone())
-                .or_insert_with(|| {
-                    let rate = NonZeroU32::new(client.rate_per_sec).unwrap_or(NonZeroU32::MIN);
-                    let burst = NonZeroU32::new(client.burst).unwrap_or(NonZeroU32::MIN);
-                    Arc::new(LocalLimiter::direct(Quota::per_second(rate).allow_burst(burst)).with_middleware())
-                })
-                .clone()
-        };
-        let per_request_us = 1_000_000 / u64::from(client.rate_per_sec.max(1));
-        match limiter.check() {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                Decision {
-                    allowed: true,
-                    limit: client.burst,
-                    remaining,
-                    reset_secs: (u64::from(client.burst - remaining.min(client.burst)) * per_request_us)
-                        .div_ceil(1_000_000),
-                    retry_after_secs: 0,
-                    local: true,
-                }
+/// The key's limit as this replica alone enforces it.
+fn local_decision(limiter: &Local, client: &Client) -> Decision {
+    let per_request_us = 1_000_000 / u64::from(client.rate_per_sec.max(1));
+    match limiter.check() {
+        Ok(snapshot) => {
+            let remaining = snapshot.remaining_burst_capacity();
+            Decision {
+                allowed: true,
+                limit: client.burst,
+                remaining,
+                reset_secs: (u64::from(client.burst - remaining.min(client.burst)) * per_request_us)
+                    .div_ceil(1_000_000),
+                retry_after_secs: 0,
+                local: true,
             }
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
-                Decision {
-                    allowed: false,
-                    limit: client.burst,
-                    remaining: 0,
-                    reset_secs: (u64::from(client.burst) * per_request_us).div_ceil(1_000_000),
-                    retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-                    local: true,
-                }
+        }
+        Err(not_until) => {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+            Decision {
+                allowed: false,
+                limit: client.burst,
+                remaining: 0,
+                reset_secs: (u64::from(client.burst) * per_request_us).div_ceil(1_000_000),
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                local: true,
             }
         }
     }
