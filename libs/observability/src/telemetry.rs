@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Subscriber};
+use tracing::subscriber::Interest;
+use tracing::{Event, Metadata, Subscriber};
 use tracing_bunyan_formatter::{BunyanFormattingLayer, JsonStorageLayer};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
@@ -65,7 +67,7 @@ where
     Ok(subscriber(service, filter, writer).try_init().is_ok())
 }
 
-fn subscriber<W>(service: &ServiceInfo, filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync + 'static
+fn subscriber<W>(service: &ServiceInfo, filter: LogFilter, writer: W) -> impl Subscriber + Send + Sync + 'static
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
@@ -83,14 +85,72 @@ where
 
 /// `RUST_LOG` when set and not blank, else the configured level; the request root span is
 /// enabled in both cases.
-fn build_filter(rust_log: Option<String>, default_level: &str) -> Result<EnvFilter, LoggingError> {
+fn build_filter(rust_log: Option<String>, default_level: &str) -> Result<LogFilter, LoggingError> {
     let (filter, source_name) = match rust_log {
         Some(value) if !value.trim().is_empty() => (value, "RUST_LOG"),
         _ => (default_level.to_owned(), "log.level"),
     };
     let invalid = |reason: String| LoggingError::InvalidFilter { filter: filter.clone(), source_name, reason };
     let root_span = format!("{REQUEST_SPAN_TARGET}=info").parse().map_err(|e| invalid(format!("{e}")))?;
-    EnvFilter::builder().parse(&filter).map(|f| f.add_directive(root_span)).map_err(|e| invalid(e.to_string()))
+    let env_filter = EnvFilter::builder().parse(&filter).map_err(|e| invalid(e.to_string()))?;
+    // Span-scoped directives are the only ones written with brackets: `target[span{field}]=level`.
+    Ok(LogFilter { filter: env_filter.add_directive(root_span), span_scoped: filter.contains('[') })
+}
+
+/// The log filter: [`EnvFilter`], minus its span bookkeeping when no directive needs it.
+///
+/// To apply span-scoped directives, `EnvFilter` looks every span up in a process-wide map
+/// under a read lock when the span is created, entered, exited, recorded and closed. With no
+/// such directive the map stays empty, but the lock is still taken several times per request
+/// by every worker thread, and the workers contend for it.
+#[derive(Debug)]
+struct LogFilter {
+    filter: EnvFilter,
+    span_scoped: bool,
+}
+
+impl<S: Subscriber> Layer<S> for LogFilter {
+    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+        Layer::<S>::register_callsite(&self.filter, metadata)
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Layer::<S>::max_level_hint(&self.filter)
+    }
+
+    fn enabled(&self, metadata: &Metadata<'_>, ctx: Context<'_, S>) -> bool {
+        Layer::<S>::enabled(&self.filter, metadata, ctx)
+    }
+
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if self.span_scoped {
+            Layer::<S>::on_new_span(&self.filter, attrs, id, ctx);
+        }
+    }
+
+    fn on_record(&self, span: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if self.span_scoped {
+            Layer::<S>::on_record(&self.filter, span, values, ctx);
+        }
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        if self.span_scoped {
+            Layer::<S>::on_enter(&self.filter, id, ctx);
+        }
+    }
+
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        if self.span_scoped {
+            Layer::<S>::on_exit(&self.filter, id, ctx);
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        if self.span_scoped {
+            Layer::<S>::on_close(&self.filter, id, ctx);
+        }
+    }
 }
 
 /// Forwards events only. The bunyan layer also writes a line when a span opens and one when
@@ -241,6 +301,19 @@ mod tests {
         assert!(lines[0].get("client").is_none());
         assert_eq!(lines[1]["client"], "key-id");
         assert_eq!(lines[1]["request_id"], "r-3");
+    }
+
+    #[test]
+    fn span_scoped_directives_still_apply() {
+        let lines = capture("warn,[http_request]=debug", || {
+            tracing::debug!("outside: filtered out");
+            let root = tracing::info_span!(target: REQUEST_SPAN_TARGET, "http_request", request_id = "r-4");
+            let _root = root.enter();
+            tracing::debug!("inside: kept");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["request_id"], "r-4");
+        assert_eq!(lines[0]["level"], 20);
     }
 
     #[test]
