@@ -305,11 +305,19 @@ mod tests {
 
     #[test]
     fn span_scoped_directives_still_apply() {
-        let lines = capture("warn,[http_request]=debug", || {
+        let lines = capture("warn,[http_request{client=dev}]=debug", || {
             tracing::debug!("outside: filtered out");
-            let root = tracing::info_span!(target: REQUEST_SPAN_TARGET, "http_request", request_id = "r-4");
-            let _root = root.enter();
-            tracing::debug!("inside: kept");
+            for (request_id, client) in [("r-4", "dev"), ("r-5", "other")] {
+                let root = tracing::info_span!(
+                    target: REQUEST_SPAN_TARGET,
+                    "http_request",
+                    request_id,
+                    client = tracing::field::Empty
+                );
+                root.record("client", client);
+                let _root = root.enter();
+                tracing::debug!("kept for client dev only");
+            }
         });
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert_eq!(lines[0]["request_id"], "r-4");
