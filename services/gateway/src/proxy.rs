@@ -286,11 +286,6 @@ pub async fn proxy(
     }
     upstream.deposit_retry_budget();
 
-    // The first attempt takes the head; a retry builds it again from the request.
-    let mut first_head = match ForwardedHead::new(&req, route, &caller.key_id) {
-        Ok(head) => Some(head),
-        Err(problem) => return Ok(problem_with_limits(problem, &decision)),
-    };
     let started = Instant::now();
     let deadline = started + route.timeout;
     // One timer for the whole exchange (every attempt, backoff and the buffered body):
@@ -311,10 +306,10 @@ pub async fn proxy(
         } else {
             RequestBody::Empty
         };
-        let head = match first_head.take().map_or_else(|| ForwardedHead::new(&req, route, &caller.key_id), Ok) {
+        // Built for each attempt (the request takes it whole): a retry is rare, a copy is not.
+        let head = match ForwardedHead::new(&req, route, &caller.key_id) {
             Ok(head) => head,
-            // Built from the same request as the first head, which succeeded.
-            Err(problem) => break Attempt::Failed(problem.to_string()),
+            Err(problem) => return Ok(problem_with_limits(problem, &decision)),
         };
         let request = match head.into_request(endpoint, request_body) {
             Ok(request) => request,
