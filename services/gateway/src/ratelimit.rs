@@ -58,6 +58,20 @@ struct Lease {
     reset_secs: u64,
 }
 
+impl Lease {
+    /// The decision for a request admitted from this lease.
+    fn decision(&self, client: &Client) -> Decision {
+        Decision {
+            allowed: true,
+            limit: client.burst,
+            remaining: self.remaining_after + self.tokens,
+            reset_secs: self.reset_secs,
+            retry_after_secs: 0,
+            local: false,
+        }
+    }
+}
+
 /// Redis's last refusal for a key: nothing is admitted before `until`, whichever replica
 /// asks, since the bucket only drains at its fixed rate.
 struct Refusal {
@@ -232,14 +246,7 @@ impl SharedBuckets {
         let mut state = entry.state();
         if let Some(lease) = state.lease.as_mut().filter(|l| l.tokens > 0 && l.expires > now) {
             lease.tokens -= 1;
-            let decision = Decision {
-                allowed: true,
-                limit: client.burst,
-                remaining: lease.remaining_after + lease.tokens,
-                reset_secs: lease.reset_secs,
-                retry_after_secs: 0,
-                local: false,
-            };
+            let decision = lease.decision(client);
             let size = lease_size(client);
             if lease.tokens < size / 2
                 && let Ok(turn) = state.asking.clone().try_lock_owned()
@@ -302,16 +309,15 @@ impl SharedBuckets {
         let own = u32::from(for_request);
         // Tokens of a lease still valid are kept: each was granted by Redis.
         let kept = state.lease.as_ref().filter(|l| l.expires > now).map_or(0, |l| l.tokens);
-        let tokens = kept + granted - own;
-        state.lease = Some(Lease { tokens, expires: now + LEASE_LIFETIME, remaining_after: remaining, reset_secs });
-        Some(Decision {
-            allowed: true,
-            limit: client.burst,
-            remaining: remaining + tokens,
+        let lease = Lease {
+            tokens: kept + granted - own,
+            expires: now + LEASE_LIFETIME,
+            remaining_after: remaining,
             reset_secs,
-            retry_after_secs: 0,
-            local: false,
-        })
+        };
+        let decision = lease.decision(client);
+        state.lease = Some(lease);
+        Some(decision)
     }
 }
 
