@@ -1,7 +1,7 @@
 //! What every Stackline service needs to be operable, wired the same way in each:
 //!
 //! - [`telemetry`]: JSON (bunyan) logs on stdout, level from `RUST_LOG`, written in batches
-//!   by [`batched_writer`].
+//!   by [`batched_writer`]; [`access_log`] writes the per-request line.
 //! - [`middleware::Observe`]: one actix middleware that assigns the request id, opens the
 //!   request's root span, records the HTTP metrics and writes one access-log line.
 //! - [`request_id`]: the [`RequestId`] extractor and the headers to propagate downstream.
@@ -14,6 +14,7 @@
 //!
 //! `examples/demo.rs` shows the whole wiring.
 
+pub mod access_log;
 pub mod batched_writer;
 pub mod health;
 pub mod healthcheck;

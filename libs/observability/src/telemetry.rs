@@ -17,6 +17,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::ServiceInfo;
+use crate::access_log::AccessLog;
 use crate::batched_writer::{BatchedWriter, BatchedWriterGuard};
 
 /// Target of the per-request root span. It is always enabled, whatever `RUST_LOG` says, so
@@ -61,7 +62,7 @@ pub fn init_stdout(service: &ServiceInfo, settings: &LogSettings) -> Result<LogG
 /// when a subscriber is already installed, so repeated calls, as in tests, are harmless.
 pub fn init<W>(service: &ServiceInfo, settings: &LogSettings, writer: W) -> Result<bool, LoggingError>
 where
-    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+    W: for<'a> MakeWriter<'a> + Clone + Send + Sync + 'static,
 {
     let filter = build_filter(std::env::var("RUST_LOG").ok(), &settings.level)?;
     Ok(subscriber(service, filter, writer).try_init().is_ok())
@@ -69,18 +70,39 @@ where
 
 fn subscriber<W>(service: &ServiceInfo, filter: LogFilter, writer: W) -> impl Subscriber + Send + Sync + 'static
 where
-    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+    W: for<'a> MakeWriter<'a> + Clone + Send + Sync + 'static,
 {
-    let default_fields = HashMap::from([
+    let default_fields = default_fields(service);
+    let access_log = AccessLog::new(service.name, &default_fields, writer.clone());
+    Registry::default()
+        .with(filter)
+        .with(SpanFieldsOnly(JsonStorageLayer))
+        .with(EventsOnly(bunyan_formatter(service, default_fields, writer)))
+        .with(access_log)
+}
+
+/// Stamped on every line.
+fn default_fields(service: &ServiceInfo) -> HashMap<String, serde_json::Value> {
+    HashMap::from([
         ("service".to_owned(), serde_json::Value::from(service.name)),
         ("version".to_owned(), serde_json::Value::from(service.version)),
         ("environment".to_owned(), serde_json::Value::from(service.environment.as_str())),
-    ]);
-    // Source file and line of every access-log line are noise that costs bytes on each request.
-    let formatter = BunyanFormattingLayer::with_default_fields(service.name.to_owned(), writer, default_fields)
+    ])
+}
+
+fn bunyan_formatter<W>(
+    service: &ServiceInfo,
+    default_fields: HashMap<String, serde_json::Value>,
+    writer: W,
+) -> BunyanFormattingLayer<W>
+where
+    W: for<'a> MakeWriter<'a> + 'static,
+{
+    // Source file and line of every line are noise that costs bytes; the access line (see
+    // `access_log`) has none either.
+    BunyanFormattingLayer::with_default_fields(service.name.to_owned(), writer, default_fields)
         .skip_fields(["file", "line"].into_iter())
-        .expect("file and line are not core bunyan fields");
-    Registry::default().with(filter).with(SpanFieldsOnly(JsonStorageLayer)).with(EventsOnly(formatter))
+        .expect("file and line are not core bunyan fields")
 }
 
 /// `RUST_LOG` when set and not blank, else the configured level; the request root span is
@@ -153,9 +175,10 @@ impl<S: Subscriber> Layer<S> for LogFilter {
     }
 }
 
-/// Forwards events only. The bunyan layer also writes a line when a span opens and one when
-/// it closes; per request that would triple the log volume for no extra information (the
-/// access-log event carries the outcome and duration).
+/// Forwards events only, except access lines, which [`AccessLog`] writes. The bunyan layer
+/// also writes a line when a span opens and one when it closes; per request that would
+/// triple the log volume for no extra information (the access line carries the outcome and
+/// duration).
 struct EventsOnly<L>(L);
 
 impl<S, L> Layer<S> for EventsOnly<L>
@@ -164,7 +187,9 @@ where
     L: Layer<S>,
 {
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        self.0.on_event(event, ctx);
+        if event.metadata().target() != ACCESS_LOG_TARGET {
+            self.0.on_event(event, ctx);
+        }
     }
 }
 
@@ -252,6 +277,96 @@ mod tests {
         let filter = build_filter(None, filter).unwrap();
         tracing::subscriber::with_default(subscriber(&service(), filter, logs.clone()), body);
         logs.lines()
+    }
+
+    /// The event lines `tracing-bunyan-formatter` alone writes for `body`: the records the
+    /// access lines must match.
+    fn capture_with_the_bunyan_formatter_alone(body: impl FnOnce()) -> Vec<serde_json::Value> {
+        let logs = CapturedLogs::default();
+        let reference = Registry::default().with(LevelFilter::TRACE).with(JsonStorageLayer).with(bunyan_formatter(
+            &service(),
+            default_fields(&service()),
+            logs.clone(),
+        ));
+        tracing::subscriber::with_default(reference, body);
+        let is_span_line = |line: &serde_json::Value| {
+            line["msg"].as_str().is_some_and(|msg| msg.ends_with(" - START]") || msg.ends_with(" - END]"))
+        };
+        logs.lines().into_iter().filter(|line| !is_span_line(line)).collect()
+    }
+
+    /// The line without its timestamp, after checking that the timestamp is RFC 3339.
+    fn untimed(mut line: serde_json::Value) -> serde_json::Value {
+        let time = line.as_object_mut().and_then(|fields| fields.remove("time"));
+        let time = time.as_ref().and_then(|t| t.as_str()).unwrap_or_else(|| panic!("no time in {line}"));
+        time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|e| panic!("time {time:?} is not RFC 3339: {e}"));
+        line
+    }
+
+    fn access_lines() {
+        let root = tracing::info_span!(
+            target: REQUEST_SPAN_TARGET,
+            "http_request",
+            request_id = "r-9",
+            method = "GET",
+            path = "/a \"quoted\"\tpath/ü\u{1}",
+            client = tracing::field::Empty,
+            pid = "a span field named like a core field",
+        );
+        let _root = root.enter();
+        root.record("client", "key-id");
+        let cause = "upstream said \"no\"\nand hung up";
+        tracing::info!(target: ACCESS_LOG_TARGET, status = 200, latency_ms = 1.25, "request completed");
+        tracing::error!(target: ACCESS_LOG_TARGET, status = 503u16, error = %cause, "request completed");
+        tracing::info!(
+            target: ACCESS_LOG_TARGET,
+            ratio = f64::NAN,
+            delta = -3i64,
+            cached = true,
+            r#type = "raw identifier",
+            name = "an event field named like a core field",
+            "with {} arguments",
+            2
+        );
+        tracing::warn!(target: ACCESS_LOG_TARGET, status = 499);
+        let inner = tracing::info_span!("inner", table = "items");
+        inner.in_scope(|| tracing::info!(target: ACCESS_LOG_TARGET, "in a nested span"));
+        drop(_root);
+        tracing::info!(target: ACCESS_LOG_TARGET, status = 404, "outside any span");
+    }
+
+    #[test]
+    fn access_lines_are_the_records_the_bunyan_formatter_writes() {
+        let ours: Vec<_> = capture("trace", access_lines).into_iter().map(untimed).collect();
+        let reference: Vec<_> =
+            capture_with_the_bunyan_formatter_alone(access_lines).into_iter().map(untimed).collect();
+        assert_eq!(ours.len(), 6, "one line per event: {ours:#?}");
+        assert_eq!(ours, reference);
+        // What the comparison covers, so that it cannot pass on two empty records.
+        assert_eq!(ours[0]["msg"], "[HTTP_REQUEST - EVENT] request completed");
+        assert_eq!(ours[0]["path"], "/a \"quoted\"\tpath/ü\u{1}");
+        assert_eq!(ours[0]["client"], "key-id");
+        assert_eq!(ours[1]["level"], 50);
+        assert_eq!(ours[1]["error"], "upstream said \"no\"\nand hung up");
+        assert_eq!(ours[2]["ratio"], serde_json::Value::Null);
+        assert_eq!(ours[2]["type"], "raw identifier");
+        assert_eq!(ours[2]["name"], "unit");
+        assert_eq!(ours[3]["msg"], "[HTTP_REQUEST - EVENT] access_log");
+        assert_eq!(ours[4]["table"], "items");
+        assert_eq!(ours[4]["request_id"], "r-9");
+        assert_eq!(ours[5]["msg"], "outside any span");
+        assert!(ours[5].get("request_id").is_none());
+    }
+
+    #[test]
+    fn access_lines_follow_the_filter() {
+        let lines = capture("info,access_log=warn", || {
+            tracing::info!(target: ACCESS_LOG_TARGET, status = 200, "request completed");
+            tracing::error!(target: ACCESS_LOG_TARGET, status = 500, "request completed");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["status"], 500);
     }
 
     #[test]
