@@ -6,11 +6,16 @@ use std::future::{Ready, ready};
 use std::rc::Rc;
 
 use actix_web::dev::Payload;
-use actix_web::http::header::HeaderMap;
+use actix_web::http::header::{HeaderMap, HeaderName};
 use actix_web::{FromRequest, HttpMessage, HttpRequest};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+// Looked up by name on every request: a `&str` key would be parsed (and, for these
+// non-standard names, copied) on each lookup.
+const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+const TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT_HEADER);
 
 const MAX_LEN: usize = 128;
 
@@ -23,7 +28,7 @@ impl RequestId {
     /// UUID v7 (time-ordered, so ids sort roughly by arrival in log stores).
     pub fn from_incoming(headers: &HeaderMap) -> Self {
         headers
-            .get(REQUEST_ID_HEADER)
+            .get(REQUEST_ID)
             .and_then(|value| value.to_str().ok())
             .filter(|value| is_valid(value))
             .map_or_else(Self::generate, |value| Self(Rc::from(value)))
@@ -68,17 +73,25 @@ impl FromRequest for RequestId {
 
 /// The headers that carry a request's identity to the services it calls: its request id and,
 /// when the caller sent a well-formed one, its W3C `traceparent`.
-pub fn propagation_headers(req: &HttpRequest) -> Vec<(&'static str, String)> {
-    let mut headers = Vec::with_capacity(2);
-    if let Some(id) = req.extensions().get::<RequestId>() {
-        headers.push((REQUEST_ID_HEADER, id.to_string()));
+pub fn propagation_headers(req: &HttpRequest) -> PropagationHeaders<'_> {
+    PropagationHeaders {
+        request_id: req.extensions().get::<RequestId>().cloned(),
+        traceparent: req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()).filter(|v| is_valid_traceparent(v)),
     }
-    if let Some(traceparent) =
-        req.headers().get(TRACEPARENT_HEADER).and_then(|v| v.to_str().ok()).filter(|v| is_valid_traceparent(v))
-    {
-        headers.push((TRACEPARENT_HEADER, traceparent.to_owned()));
+}
+
+/// See [`propagation_headers`]; borrowed from the request, so nothing is copied.
+pub struct PropagationHeaders<'a> {
+    request_id: Option<RequestId>,
+    traceparent: Option<&'a str>,
+}
+
+impl PropagationHeaders<'_> {
+    /// `(header name, value)` pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let request_id = self.request_id.as_ref().map(|id| (REQUEST_ID_HEADER, id.as_str()));
+        request_id.into_iter().chain(self.traceparent.map(|value| (TRACEPARENT_HEADER, value)))
     }
-    headers
 }
 
 /// `version-traceid-parentid-flags`, lower-case hex, version `ff` and all-zero ids invalid

@@ -111,10 +111,29 @@ fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> 
 /// The `RateLimit-*` headers every response carries.
 fn rate_limit_header_values(decision: &Decision) -> [(HeaderName, HeaderValue); 3] {
     [
-        (RATELIMIT_LIMIT, HeaderValue::from(decision.limit)),
+        (RATELIMIT_LIMIT, steady_number_value(0, decision.limit.into())),
         (RATELIMIT_REMAINING, HeaderValue::from(decision.remaining)),
-        (RATELIMIT_RESET, HeaderValue::from(decision.reset_secs)),
+        (RATELIMIT_RESET, steady_number_value(1, decision.reset_secs)),
     ]
+}
+
+thread_local! {
+    /// The last value written per slot of [`steady_number_value`] on this worker.
+    static STEADY_NUMBERS: RefCell<[Option<(u64, HeaderValue)>; 2]> = const { RefCell::new([None, None]) };
+}
+
+/// `number` as a header value, for numbers that mostly repeat from one response to the next
+/// (a key's burst, the seconds until its bucket is full): formatting one allocates, reusing
+/// the last one does not.
+fn steady_number_value(slot: usize, number: u64) -> HeaderValue {
+    STEADY_NUMBERS.with_borrow_mut(|last| match &last[slot] {
+        Some((cached, value)) if *cached == number => value.clone(),
+        _ => {
+            let value = HeaderValue::from(number);
+            last[slot] = Some((number, value.clone()));
+            value
+        }
+    })
 }
 
 fn rate_limit_headers(response: &mut HttpResponseBuilder, decision: &Decision) {
@@ -144,20 +163,19 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// What the upstream is told about the request, whichever endpoint it goes to.
-struct ForwardedHead {
+struct ForwardedHead<'a> {
     method: hyper::Method,
-    /// Path and query below the endpoint's base path.
-    target: String,
+    /// The route's upstream prefix, the path below the route's prefix, and the query: put
+    /// together below the endpoint's base path.
+    upstream_prefix: &'a str,
+    rest: &'a str,
+    query: &'a str,
     headers: upstream_header::HeaderMap,
 }
 
-impl ForwardedHead {
-    fn new(req: &HttpRequest, route: &Route, key_id: &str) -> Result<Self, Problem> {
+impl<'a> ForwardedHead<'a> {
+    fn new(req: &'a HttpRequest, route: &'a Route, key_id: &str) -> Result<Self, Problem> {
         let rest = &req.path()[route.prefix.len()..];
-        let target = match req.query_string() {
-            "" => format!("{}{rest}", route.upstream_prefix),
-            query => format!("{}{rest}?{query}", route.upstream_prefix),
-        };
         let method = hyper::Method::from_bytes(req.method().as_str().as_bytes())
             .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "unsupported method"))?;
         let connection = connection_tokens(req.headers().get_all(header::CONNECTION).map(HeaderValue::as_bytes));
@@ -176,8 +194,8 @@ impl ForwardedHead {
                 headers.append(name, value);
             }
         }
-        for (name, value) in propagation_headers(req) {
-            if let Ok(value) = upstream_header::HeaderValue::from_str(&value) {
+        for (name, value) in propagation_headers(req).iter() {
+            if let Ok(value) = upstream_header::HeaderValue::from_str(value) {
                 headers.insert(name, value);
             }
         }
@@ -202,14 +220,22 @@ impl ForwardedHead {
         if let Some(host) = host.and_then(|h| upstream_header::HeaderValue::from_bytes(h).ok()) {
             headers.insert(X_FORWARDED_HOST, host);
         }
-        Ok(Self { method, target, headers })
+        Ok(Self { method, upstream_prefix: &route.upstream_prefix, rest, query: req.query_string(), headers })
     }
 
     fn into_request(self, endpoint: &Endpoint, body: RequestBody) -> Result<hyper::Request<RequestBody>, String> {
-        let uri = if endpoint.path.is_empty() { self.target } else { format!("{}{}", endpoint.path, self.target) };
+        let parts = [endpoint.path.as_str(), self.upstream_prefix, self.rest];
+        let query_length = if self.query.is_empty() { 0 } else { 1 + self.query.len() };
+        // Exactly sized: the URI then takes the buffer over without copying it.
+        let mut uri = String::with_capacity(parts.iter().map(|part| part.len()).sum::<usize>() + query_length);
+        parts.iter().for_each(|part| uri.push_str(part));
+        if !self.query.is_empty() {
+            uri.push('?');
+            uri.push_str(self.query);
+        }
         let mut request = hyper::Request::new(body);
         *request.method_mut() = self.method;
-        *request.uri_mut() = uri.parse::<hyper::Uri>().map_err(|e| e.to_string())?;
+        *request.uri_mut() = hyper::Uri::from_maybe_shared(uri.into_bytes()).map_err(|e| e.to_string())?;
         *request.headers_mut() = self.headers;
         request.headers_mut().insert(upstream_header::HOST, endpoint.host.clone());
         Ok(request)
@@ -248,9 +274,13 @@ enum Attempt {
 pub async fn proxy(
     req: HttpRequest,
     payload: Payload,
-    gateway: web::Data<Gateway>,
     client: web::Data<Rc<UpstreamClient>>,
 ) -> Result<HttpResponse, Problem> {
+    // Borrowed, not extracted: extracting clones an `Arc` every worker shares, a contended
+    // write on every request.
+    let Some(gateway) = req.app_data::<web::Data<Gateway>>() else {
+        return Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "the gateway is not configured"));
+    };
     let path = req.path();
     let Some(route) = gateway
         .routes
@@ -418,7 +448,11 @@ async fn relay(
                 Some(location) => builder.insert_header((header::LOCATION, location)),
                 None => builder.insert_header((header::LOCATION, value.as_bytes())),
             };
-        } else if name != upstream_header::CONTENT_LENGTH && forwardable(name.as_str(), &connection) {
+        } else if name != upstream_header::CONTENT_LENGTH
+            // The gateway dates its own responses (actix's cached clock), as nginx does.
+            && name != upstream_header::DATE
+            && forwardable(name.as_str(), &connection)
+        {
             // Names and values from a parsed response: valid here too.
             if let (Ok(name), Ok(value)) =
                 (HeaderName::from_bytes(name.as_str().as_bytes()), HeaderValue::from_bytes(value.as_bytes()))

@@ -126,7 +126,8 @@ async fn broken() -> Result<HttpResponse, actix_web::Error> {
 }
 
 async fn echo_context(request_id: RequestId, req: actix_web::HttpRequest) -> HttpResponse {
-    let propagated: HashMap<_, _> = propagation_headers(&req).into_iter().collect();
+    let headers = propagation_headers(&req);
+    let propagated: HashMap<_, _> = headers.iter().collect();
     HttpResponse::Ok().json(serde_json::json!({ "extracted": request_id.as_str(), "propagated": propagated }))
 }
 
