@@ -234,7 +234,10 @@ impl RateLimiter {
         if let Known::Decided(decision) = self.buckets.known(entry, client) {
             return Some(decision);
         }
-        self.buckets.ask(entry, client, lease_size(client), true).await
+        // Boxed: the Redis call's future is about 6 KiB, and inline it would be part of every
+        // request's future (moved into place and touched on each request) for a call made
+        // once per lease.
+        Box::pin(self.buckets.ask(entry, client, lease_size(client), true)).await
     }
 }
 
