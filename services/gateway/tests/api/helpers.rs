@@ -125,6 +125,9 @@ impl Drop for DataService {
     }
 }
 
+/// The `Date` the test upstream's echo answers with: far from any gateway's clock.
+pub const UPSTREAM_DATE: &str = "Mon, 01 Jan 2001 00:00:00 GMT";
+
 /// An upstream a test controls: `/v1/items/echo` describes the request it received,
 /// `/v1/items/big?bytes=` answers a large body, `/v1/items/slow?ms=` answers late, `/v1/items/flaky` fails while `failing` is set.
 pub struct TestUpstream {
@@ -174,6 +177,7 @@ async fn echo(req: HttpRequest, mut body: web::Payload, shared: Shared) -> HttpR
     HttpResponse::Ok()
         .insert_header(("location", "/v1/items/elsewhere"))
         .insert_header(("proxy-authenticate", "Basic realm=upstream"))
+        .insert_header(("date", UPSTREAM_DATE))
         .json(serde_json::json!({
             "method": req.method().as_str(),
             "query": req.query_string(),

@@ -2,7 +2,9 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{DataService, Key, LOGS, TestUpstream, assert_problem, gateway_settings, spawn_gateway, unique};
+use crate::helpers::{
+    DataService, Key, LOGS, TestUpstream, UPSTREAM_DATE, assert_problem, gateway_settings, spawn_gateway, unique,
+};
 
 #[tokio::test]
 async fn the_items_contract_works_through_the_gateway() {
@@ -105,6 +107,9 @@ async fn headers_are_forwarded_as_a_proxy_should() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["location"], "/api/v1/items/elsewhere");
     assert!(response.headers().get("proxy-authenticate").is_none(), "hop-by-hop response header dropped");
+    let dates: Vec<_> = response.headers().get_all("date").iter().collect();
+    assert_eq!(dates.len(), 1, "one Date: {dates:?}");
+    assert_ne!(dates[0], UPSTREAM_DATE, "the gateway dates its responses itself");
     let echoed: Value = response.json().await.unwrap();
     let headers = &echoed["headers"];
     for dropped in ["x-custom-hop", "proxy-authorization", "te", "authorization"] {
