@@ -111,11 +111,14 @@ fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> 
 /// The `RateLimit-*` headers every response carries.
 fn rate_limit_header_values(decision: &Decision) -> [(HeaderName, HeaderValue); 3] {
     [
-        (RATELIMIT_LIMIT, steady_number_value(0, decision.limit.into())),
+        (RATELIMIT_LIMIT, steady_number_value(LIMIT_SLOT, decision.limit.into())),
         (RATELIMIT_REMAINING, HeaderValue::from(decision.remaining)),
-        (RATELIMIT_RESET, steady_number_value(1, decision.reset_secs)),
+        (RATELIMIT_RESET, steady_number_value(RESET_SLOT, decision.reset_secs)),
     ]
 }
+
+const LIMIT_SLOT: usize = 0;
+const RESET_SLOT: usize = 1;
 
 thread_local! {
     /// The last value written per slot of [`steady_number_value`] on this worker.
