@@ -18,15 +18,14 @@ use time::format_description::well_known::Rfc3339;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_bunyan_formatter::JsonStorage;
-use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::telemetry::ACCESS_LOG_TARGET;
 
-/// Writes [`ACCESS_LOG_TARGET`] events as bunyan lines; every other event is left to the
-/// general formatter.
+/// Writes [`ACCESS_LOG_TARGET`] events as bunyan lines (the telemetry subscriber hands it
+/// those; every other event goes to the general formatter).
 pub struct AccessLog<W> {
     writer: W,
     /// `{"v":0,"name":"<service>","msg":`: the same for every line.
@@ -55,23 +54,6 @@ impl<W> AccessLog<W> {
     }
 }
 
-impl<S, W> Layer<S> for AccessLog<W>
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    W: for<'a> MakeWriter<'a> + 'static,
-{
-    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        if event.metadata().target() != ACCESS_LOG_TARGET {
-            return;
-        }
-        BUFFERS.with(|buffers| match buffers.try_borrow_mut() {
-            Ok(mut buffers) => self.write_line(&mut buffers, event, &ctx),
-            // Only if writing a line logged another one: give it buffers of its own.
-            Err(_) => self.write_line(&mut Buffers::default(), event, &ctx),
-        });
-    }
-}
-
 /// Reused for every line a thread writes, so that a line allocates nothing.
 #[derive(Default)]
 struct Buffers {
@@ -88,6 +70,18 @@ thread_local! {
 }
 
 impl<W: for<'a> MakeWriter<'a>> AccessLog<W> {
+    /// Writes `event`, an [`ACCESS_LOG_TARGET`] event, as one line.
+    pub fn write<S>(&self, event: &Event<'_>, ctx: &Context<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        BUFFERS.with(|buffers| match buffers.try_borrow_mut() {
+            Ok(mut buffers) => self.write_line(&mut buffers, event, ctx),
+            // Only if writing a line logged another one: give it buffers of its own.
+            Err(_) => self.write_line(&mut Buffers::default(), event, ctx),
+        });
+    }
+
     fn write_line<S>(&self, buffers: &mut Buffers, event: &Event<'_>, ctx: &Context<'_, S>)
     where
         S: Subscriber + for<'a> LookupSpan<'a>,

@@ -13,6 +13,7 @@ use tracing_bunyan_formatter::{BunyanFormattingLayer, JsonStorageLayer};
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
@@ -74,11 +75,8 @@ where
 {
     let default_fields = default_fields(service);
     let access_log = AccessLog::new(service.name, &default_fields, writer.clone());
-    Registry::default()
-        .with(filter)
-        .with(SpanFieldsOnly(JsonStorageLayer))
-        .with(EventsOnly(bunyan_formatter(service, default_fields, writer)))
-        .with(access_log)
+    let formatter = bunyan_formatter(service, default_fields, writer);
+    Registry::default().with(filter).with(SpanFieldsOnly(JsonStorageLayer)).with(EventLines { formatter, access_log })
 }
 
 /// Stamped on every line.
@@ -175,27 +173,33 @@ impl<S: Subscriber> Layer<S> for LogFilter {
     }
 }
 
-/// Forwards events only, except access lines, which [`AccessLog`] writes. The bunyan layer
-/// also writes a line when a span opens and one when it closes; per request that would
-/// triple the log volume for no extra information (the access line carries the outcome and
-/// duration).
-struct EventsOnly<L>(L);
+/// One line per event: access lines by [`AccessLog`], every other event by the bunyan
+/// formatter. Only events: the bunyan layer also writes a line when a span opens and one when
+/// it closes; per request that would triple the log volume for no extra information (the
+/// access line carries the outcome and duration).
+struct EventLines<F, W> {
+    formatter: F,
+    access_log: AccessLog<W>,
+}
 
-impl<S, L> Layer<S> for EventsOnly<L>
+impl<S, F, W> Layer<S> for EventLines<F, W>
 where
-    S: Subscriber,
-    L: Layer<S>,
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    F: Layer<S>,
+    W: for<'a> MakeWriter<'a> + 'static,
 {
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        if event.metadata().target() != ACCESS_LOG_TARGET {
-            self.0.on_event(event, ctx);
+        if event.metadata().target() == ACCESS_LOG_TARGET {
+            self.access_log.write(event, &ctx);
+        } else {
+            self.formatter.on_event(event, ctx);
         }
     }
 }
 
 /// Forwards span creation and recorded fields only. The storage layer also times every span
 /// (an `Instant` stored on first entry, `elapsed_milliseconds` added on close), which only
-/// span lines would show, and [`EventsOnly`] writes none.
+/// span lines would show, and [`EventLines`] writes none.
 struct SpanFieldsOnly<L>(L);
 
 impl<S, L> Layer<S> for SpanFieldsOnly<L>
