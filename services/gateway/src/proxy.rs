@@ -108,35 +108,41 @@ fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> 
         .collect()
 }
 
-/// The `RateLimit-*` headers every response carries.
+/// The `RateLimit-*` headers every response carries. The limit (a key's burst) and the
+/// reset (seconds until its bucket is full) mostly repeat from one response to the next, so
+/// each worker reuses their last values: formatting a header value allocates.
 fn rate_limit_header_values(decision: &Decision) -> [(HeaderName, HeaderValue); 3] {
+    let number = |number: &u64| HeaderValue::from(*number);
     [
-        (RATELIMIT_LIMIT, steady_number_value(LIMIT_SLOT, decision.limit.into())),
+        (RATELIMIT_LIMIT, LAST_LIMIT.with_borrow_mut(|last| last.get(decision.limit.into(), number))),
         (RATELIMIT_REMAINING, HeaderValue::from(decision.remaining)),
-        (RATELIMIT_RESET, steady_number_value(RESET_SLOT, decision.reset_secs)),
+        (RATELIMIT_RESET, LAST_RESET.with_borrow_mut(|last| last.get(decision.reset_secs, number))),
     ]
 }
 
-const LIMIT_SLOT: usize = 0;
-const RESET_SLOT: usize = 1;
+/// The header value last made from a key, reused while the key repeats.
+struct LastFormatted<K, V>(Option<(K, V)>);
 
-thread_local! {
-    /// The last value written per slot of [`steady_number_value`] on this worker.
-    static STEADY_NUMBERS: RefCell<[Option<(u64, HeaderValue)>; 2]> = const { RefCell::new([None, None]) };
+impl<K: PartialEq, V: Clone> LastFormatted<K, V> {
+    const fn new() -> Self {
+        Self(None)
+    }
+
+    fn get(&mut self, key: K, format: impl FnOnce(&K) -> V) -> V {
+        match &self.0 {
+            Some((last, value)) if *last == key => value.clone(),
+            _ => {
+                let value = format(&key);
+                self.0 = Some((key, value.clone()));
+                value
+            }
+        }
+    }
 }
 
-/// `number` as a header value, for numbers that mostly repeat from one response to the next
-/// (a key's burst, the seconds until its bucket is full): formatting one allocates, reusing
-/// the last one does not.
-fn steady_number_value(slot: usize, number: u64) -> HeaderValue {
-    STEADY_NUMBERS.with_borrow_mut(|last| match &last[slot] {
-        Some((cached, value)) if *cached == number => value.clone(),
-        _ => {
-            let value = HeaderValue::from(number);
-            last[slot] = Some((number, value.clone()));
-            value
-        }
-    })
+thread_local! {
+    static LAST_LIMIT: RefCell<LastFormatted<u64, HeaderValue>> = const { RefCell::new(LastFormatted::new()) };
+    static LAST_RESET: RefCell<LastFormatted<u64, HeaderValue>> = const { RefCell::new(LastFormatted::new()) };
 }
 
 fn rate_limit_headers(response: &mut HttpResponseBuilder, decision: &Decision) {
@@ -247,21 +253,15 @@ impl<'a> ForwardedHead<'a> {
 
 thread_local! {
     /// The last client address written as a header value on this worker.
-    static LAST_PEER: RefCell<Option<(IpAddr, Option<upstream_header::HeaderValue>)>> = const { RefCell::new(None) };
+    static LAST_PEER: RefCell<LastFormatted<IpAddr, Option<upstream_header::HeaderValue>>> =
+        const { RefCell::new(LastFormatted::new()) };
 }
 
 /// `peer` as a header value. Formatting an address costs more than the rest of the
 /// forwarded head, and a gateway mostly hears from the same few peers (load balancers,
 /// keep-alive clients), so each worker keeps the last one.
 fn peer_address_value(peer: IpAddr) -> Option<upstream_header::HeaderValue> {
-    LAST_PEER.with_borrow_mut(|last| match last {
-        Some((ip, value)) if *ip == peer => value.clone(),
-        _ => {
-            let value = upstream_header::HeaderValue::from_str(&peer.to_string()).ok();
-            *last = Some((peer, value.clone()));
-            value
-        }
-    })
+    LAST_PEER.with_borrow_mut(|last| last.get(peer, |ip| upstream_header::HeaderValue::from_str(&ip.to_string()).ok()))
 }
 
 /// How one attempt at the upstream went.
