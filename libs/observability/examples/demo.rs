@@ -18,6 +18,7 @@ use observability::server::{self, ServerSettings};
 use observability::settings;
 use observability::shutdown::{ShutdownSettings, serve_until_stopped};
 use observability::telemetry::{self, LogSettings};
+use observability::{BackgroundTasks, CloseWhileDraining};
 use observability::{HealthCheck, HealthRegistry, Observe, RequestId, ServiceInfo};
 use serde::Deserialize;
 
@@ -64,6 +65,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let health = health.clone();
         move || {
             App::new()
+                .wrap(CloseWhileDraining(health.clone()))
                 .wrap(Observe)
                 .configure(configure_health(service.clone(), health.clone()))
                 .configure(configure_metrics(metrics.clone()))
@@ -72,7 +74,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     let server = server::configure(server, &settings.server, &settings.shutdown).listen(listener)?.run();
-    serve_until_stopped(server, health, &settings.shutdown).await?;
+    // Work beside the server (a real service refreshes, retries, purges), stopped after the drain.
+    let mut background = BackgroundTasks::new();
+    background.every_and_at_stop("flush", || Duration::from_secs(3600), || async { tracing::info!("flushed") });
+    serve_until_stopped(server, health, background, &settings.shutdown).await?;
     Ok(())
 }
 

@@ -22,7 +22,8 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::telemetry::ACCESS_LOG_TARGET;
+/// Target of the one access-log line written per request; it follows `RUST_LOG`.
+pub const ACCESS_LOG_TARGET: &str = "access_log";
 
 /// Writes [`ACCESS_LOG_TARGET`] events as bunyan lines (the telemetry subscriber hands it
 /// those; every other event goes to the general formatter).

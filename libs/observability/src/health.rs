@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::ServiceInfo;
+use crate::server::get_or_head;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,8 +156,8 @@ pub fn configure_health(service: ServiceInfo, registry: HealthRegistry) -> impl 
     move |cfg| {
         cfg.app_data(web::Data::new(service))
             .app_data(web::Data::new(registry))
-            .route("/health", web::get().to(liveness))
-            .route("/metrics/liveness", web::get().to(liveness))
-            .route("/ready", web::get().to(readiness));
+            .route("/health", get_or_head().to(liveness))
+            .route("/metrics/liveness", get_or_head().to(liveness))
+            .route("/ready", get_or_head().to(readiness));
     }
 }

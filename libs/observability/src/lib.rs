@@ -8,9 +8,10 @@
 //! - [`metrics`]: the Prometheus recorder, process metrics and the `/metrics` handler.
 //! - [`health`]: the [`HealthCheck`] trait, the registry behind `/health` and `/ready`.
 //! - [`healthcheck`]: the `healthcheck` subcommand container health checks run.
-//! - [`shutdown`]: SIGTERM/SIGINT -> not ready -> drain delay -> graceful stop.
+//! - [`shutdown`]: SIGTERM/SIGINT -> not ready, connections closed after each response ->
+//!   drain delay -> graceful stop -> background tasks stopped.
 //! - [`settings`]: layered configuration with one-line errors.
-//! - [`server`]: the HTTP server tuning every service shares.
+//! - [`server`]: the HTTP server tuning every service shares, and `GET`+`HEAD` routes.
 //!
 //! `examples/demo.rs` shows the whole wiring.
 
@@ -29,6 +30,7 @@ pub mod telemetry;
 pub use health::{HealthCheck, HealthRegistry};
 pub use middleware::Observe;
 pub use request_id::RequestId;
+pub use shutdown::{BackgroundTasks, CloseWhileDraining};
 
 /// Who is speaking: stamped on every log line and on `app_build_info`.
 #[derive(Clone, Debug)]

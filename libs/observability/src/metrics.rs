@@ -11,6 +11,7 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge}
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::ServiceInfo;
+use crate::server::get_or_head;
 
 pub const REQUESTS_TOTAL: &str = "api_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "api_request_duration_seconds";
@@ -146,6 +147,6 @@ pub async fn metrics_handler(metrics: web::Data<Metrics>) -> HttpResponse {
 /// Registers `GET /metrics` with its data.
 pub fn configure_metrics(metrics: Metrics) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
-        cfg.app_data(web::Data::new(metrics)).route("/metrics", web::get().to(metrics_handler));
+        cfg.app_data(web::Data::new(metrics)).route("/metrics", get_or_head().to(metrics_handler));
     }
 }

@@ -26,9 +26,10 @@ use futures_util::future::LocalBoxFuture;
 use metrics::{Counter, Gauge, Histogram, SharedString, counter, gauge, histogram};
 use tracing::{Instrument, Span};
 
+use crate::access_log::ACCESS_LOG_TARGET;
 use crate::metrics::{ACTIVE_REQUESTS, REQUEST_DURATION_SECONDS, REQUESTS_TOTAL};
 use crate::request_id::{REQUEST_ID_HEADER, RequestId};
-use crate::telemetry::{ACCESS_LOG_TARGET, REQUEST_SPAN_TARGET};
+use crate::telemetry::REQUEST_SPAN_TARGET;
 
 /// The `endpoint` label of requests that matched no route.
 pub const UNMATCHED_ENDPOINT: &str = "unmatched";

@@ -7,7 +7,7 @@ use actix_http::{Request, Response};
 use actix_service::IntoServiceFactory;
 use actix_web::body::MessageBody;
 use actix_web::dev::{AppConfig, Service, ServiceFactory};
-use actix_web::{Error, HttpServer};
+use actix_web::{Error, HttpServer, Route, guard, web};
 use serde::Deserialize;
 
 use crate::shutdown::ShutdownSettings;
@@ -73,4 +73,11 @@ where
         .h1_allow_half_closed(false)
         .disable_signals()
         .shutdown_timeout(shutdown.grace_period_secs)
+}
+
+/// A route for `GET` and `HEAD`: wherever a resource can be read, its headers alone can be
+/// asked for too (RFC 9110 section 9.3.2). actix writes the head a `GET` would get, with its
+/// `Content-Length`, and no body.
+pub fn get_or_head() -> Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
 }

@@ -18,15 +18,13 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::ServiceInfo;
-use crate::access_log::AccessLog;
+use crate::access_log::{ACCESS_LOG_TARGET, AccessLog};
 use crate::batched_writer::{BatchedWriter, BatchedWriterGuard};
 
 /// Target of the per-request root span. It is always enabled, whatever `RUST_LOG` says, so
 /// that its fields (`request_id` first of all) reach every line logged while serving a
 /// request, even a WARN line when the level is WARN.
 pub const REQUEST_SPAN_TARGET: &str = "http_request";
-/// Target of the one access-log line written per request; it follows `RUST_LOG`.
-pub const ACCESS_LOG_TARGET: &str = "access_log";
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,10 +95,11 @@ where
     W: for<'a> MakeWriter<'a> + 'static,
 {
     // Source file and line of every line are noise that costs bytes; the access line (see
-    // `access_log`) has none either.
+    // `access_log`) has none either. Lines bridged from the `log` crate name theirs
+    // `log.file` and `log.line`: an absolute path on the machine that built a dependency.
     BunyanFormattingLayer::with_default_fields(service.name.to_owned(), writer, default_fields)
-        .skip_fields(["file", "line"].into_iter())
-        .expect("file and line are not core bunyan fields")
+        .skip_fields(["file", "line", "log.file", "log.line"].into_iter())
+        .expect("none of these is a core bunyan field")
 }
 
 /// `RUST_LOG` when set and not blank, else the configured level; the request root span is
@@ -386,6 +385,25 @@ mod tests {
         assert_eq!(line["msg"], "hello");
         assert_eq!(line["answer"], 42);
         assert!(line["time"].is_string());
+    }
+
+    #[test]
+    fn lines_bridged_from_the_log_crate_carry_no_source_location() {
+        // The fields `tracing-log` gives an event it bridges from a `log` record.
+        let lines = capture("info", || {
+            tracing::warn!(
+                log.target = "h2::codec",
+                log.module_path = "h2::codec",
+                log.file = "/root/.cargo/registry/src/index/h2-0.4.0/src/codec/mod.rs",
+                log.line = 42u32,
+                "bridged"
+            );
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["msg"], "bridged");
+        assert_eq!(lines[0]["log.target"], "h2::codec");
+        assert!(lines[0].get("log.file").is_none(), "{}", lines[0]);
+        assert!(lines[0].get("log.line").is_none(), "{}", lines[0]);
     }
 
     #[test]

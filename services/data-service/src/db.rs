@@ -4,9 +4,14 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    ConfigConnectImpl, Connect, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use futures_util::future::BoxFuture;
 use observability::HealthCheck;
 use secrecy::ExposeSecret;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
@@ -83,10 +88,15 @@ fn pg_config(settings: &DatabaseSettings) -> Result<tokio_postgres::Config, DbEr
 /// A pool with explicit bounds and timeouts (deadpool waits forever by default) that checks
 /// each connection with a round trip before handing it out, so a connection that died with
 /// a database restart is replaced instead of failing a request.
+///
+/// Connections are opened and driven on the runtime that calls this (the service's main
+/// runtime), see [`DrivenOnMainRuntime`]. Call it from inside that runtime.
 pub fn create_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
-    let manager = Manager::from_config(
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| DbError::Failed(format!("the database pool needs a Tokio runtime: {e}")))?;
+    let manager = Manager::from_connect(
         pg_config(settings)?,
-        NoTls,
+        DrivenOnMainRuntime(runtime),
         ManagerConfig { recycling_method: RecyclingMethod::Verified },
     );
     Pool::builder(manager)
@@ -97,6 +107,46 @@ pub fn create_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| DbError::Failed(format!("cannot build the database pool: {e}")))
+}
+
+/// Opens each pooled connection on the service's main runtime and drives it there, rather
+/// than on the server worker whose request happened to need a new connection.
+///
+/// Every worker shares the pool, and at the end of a drain each worker stops as soon as its
+/// own requests are done, taking the tasks spawned on it along. A connection driven by a
+/// worker that has stopped dies under whichever request on another worker is using it (the
+/// request then fails with "connection closed"). The main runtime runs until every worker
+/// has finished.
+struct DrivenOnMainRuntime(tokio::runtime::Handle);
+
+impl Connect for DrivenOnMainRuntime {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> BoxFuture<'_, Result<(tokio_postgres::Client, JoinHandle<()>), tokio_postgres::Error>> {
+        let (config, fallback) = (pg_config.clone(), pg_config.clone());
+        Box::pin(async move {
+            let (opened, client) = oneshot::channel();
+            // Connected there too: a socket belongs to the runtime that opened it.
+            let driver = self.0.spawn(async move {
+                match config.connect(NoTls).await {
+                    Ok((client, connection)) => {
+                        if opened.send(Ok(client)).is_ok()
+                            && let Err(error) = connection.await
+                        {
+                            tracing::warn!(%error, "database connection closed with an error");
+                        }
+                    }
+                    Err(error) => drop(opened.send(Err(error))),
+                }
+            });
+            match client.await {
+                Ok(client) => Ok((client?, driver)),
+                // The main runtime is shutting down: the process is exiting. Connect here.
+                Err(_) => ConfigConnectImpl { tls: NoTls }.connect(&fallback).await,
+            }
+        })
+    }
 }
 
 async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {

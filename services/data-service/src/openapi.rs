@@ -1,6 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations.
 
 use actix_web::{HttpResponse, web};
+use observability::server::get_or_head;
 use problem::ProblemDocument;
 use utoipa::OpenApi;
 
@@ -25,7 +26,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     let document = ApiDoc::openapi().to_json().unwrap_or_default();
     cfg.route(
         "/openapi.json",
-        web::get().to(move || {
+        get_or_head().to(move || {
             let document = document.clone();
             async move { HttpResponse::Ok().content_type("application/json").body(document) }
         }),

@@ -9,7 +9,7 @@ use actix_web::{App, HttpServer, web};
 use observability::health::configure_health;
 use observability::metrics::{Metrics, configure_metrics};
 use observability::shutdown::{ShutdownSettings, serve_until_stopped};
-use observability::{HealthCheck, HealthRegistry, Observe, ServiceInfo, server};
+use observability::{BackgroundTasks, CloseWhileDraining, HealthCheck, HealthRegistry, Observe, ServiceInfo, server};
 use problem::{Problem, ProblemJson};
 use redis_access::RedisCheck;
 
@@ -36,6 +36,7 @@ pub struct Application {
     port: u16,
     server: Server,
     health: HealthRegistry,
+    background: BackgroundTasks,
     shutdown: ShutdownSettings,
 }
 
@@ -49,12 +50,6 @@ impl Application {
         }
         let pool = db::create_pool(&settings.database)?;
         let cache = Cache::new(&settings.cache)?;
-        db::describe_metrics();
-        cache::describe_metrics();
-        metrics::describe_counter!(
-            "idempotent_replays_total",
-            "Keyed POSTs answered with their stored first response."
-        );
         let metrics = Metrics::install(&service)?
             .with_collector({
                 let pool = pool.clone();
@@ -76,7 +71,7 @@ impl Application {
         let health = HealthRegistry::new(&settings.health, checks);
 
         let repository = Repository::new(pool);
-        spawn_background_work(&repository, &cache, settings.idempotency.purge_interval_secs);
+        let background = background_work(&repository, &cache, settings.idempotency.purge_interval_secs);
         let items =
             web::Data::new(ItemsState { repository, cache, idempotency_ttl_secs: settings.idempotency.ttl_secs });
         let body_limit = settings.items.body_limit_bytes;
@@ -87,6 +82,7 @@ impl Application {
             move || {
                 App::new()
                     .wrap(ProblemJson)
+                    .wrap(CloseWhileDraining(health.clone()))
                     .wrap(Observe)
                     .app_data(items.clone())
                     .app_data(web::PayloadConfig::new(body_limit))
@@ -102,7 +98,7 @@ impl Application {
             .map_err(|source| server::ListenError { address: settings.server.address(), source })?
             .run();
         tracing::info!(port, "data service listening");
-        Ok(Self { port, server, health, shutdown: settings.shutdown })
+        Ok(Self { port, server, health, background, shutdown: settings.shutdown })
     }
 
     pub fn port(&self) -> u16 {
@@ -110,30 +106,38 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        serve_until_stopped(self.server, self.health, &self.shutdown).await
+        serve_until_stopped(self.server, self.health, self.background, &self.shutdown).await
     }
 }
 
-/// Retries cache updates that failed, and purges expired idempotency records.
-fn spawn_background_work(repository: &Repository, cache: &Cache, purge_interval_secs: u64) {
-    let retrying = cache.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(retrying.retry_interval());
-        loop {
-            interval.tick().await;
-            retrying.retry_pending().await;
-        }
-    });
+/// Retries cache updates that failed (and once more at shutdown, so that a restart leaves
+/// no replica serving an entry older than a write it acknowledged), and purges expired
+/// idempotency records.
+fn background_work(repository: &Repository, cache: &Cache, purge_interval_secs: u64) -> BackgroundTasks {
+    let mut background = BackgroundTasks::new();
+    let (retrying, period) = (cache.clone(), cache.retry_interval());
+    background.every_and_at_stop(
+        "cache-retry",
+        move || period,
+        move || {
+            let retrying = retrying.clone();
+            async move { retrying.retry_pending().await }
+        },
+    );
     let repository = repository.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_secs(purge_interval_secs.max(1)));
-        loop {
-            interval.tick().await;
-            match repository.purge_expired_keys().await {
-                Ok(0) => {}
-                Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
-                Err(error) => tracing::warn!(%error, "could not purge expired idempotency keys"),
+    background.every(
+        "purge-idempotency-keys",
+        move || Duration::from_secs(purge_interval_secs.max(1)),
+        move || {
+            let repository = repository.clone();
+            async move {
+                match repository.purge_expired_keys().await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
+                    Err(error) => tracing::warn!(%error, "could not purge expired idempotency keys"),
+                }
             }
-        }
-    });
+        },
+    );
+    background
 }

@@ -24,9 +24,9 @@ pub struct ApiKey {
     pub burst: u32,
 }
 
-/// A key that authenticated a request.
+/// Who is calling: the configured key that authenticated a request.
 #[derive(Clone, Debug)]
-pub struct Client {
+pub struct Caller {
     pub key_id: Arc<str>,
     pub rate_per_sec: u32,
     pub burst: u32,
@@ -45,7 +45,7 @@ pub enum KeysError {
 }
 
 pub struct Authenticator {
-    keys: Vec<(Client, [u8; 32])>,
+    keys: Vec<(Caller, [u8; 32])>,
 }
 
 impl Authenticator {
@@ -64,8 +64,8 @@ impl Authenticator {
                 if key.rate_per_sec == 0 || key.burst == 0 {
                     return Err(KeysError::Rate(key.id));
                 }
-                let client = Client { key_id: Arc::from(key.id), rate_per_sec: key.rate_per_sec, burst: key.burst };
-                Ok((client, hash))
+                let caller = Caller { key_id: Arc::from(key.id), rate_per_sec: key.rate_per_sec, burst: key.burst };
+                Ok((caller, hash))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { keys })
@@ -75,13 +75,13 @@ impl Authenticator {
         self.keys.len()
     }
 
-    /// Every configured client.
-    pub fn clients(&self) -> impl Iterator<Item = &Client> {
-        self.keys.iter().map(|(client, _)| client)
+    /// Every configured caller.
+    pub fn callers(&self) -> impl Iterator<Item = &Caller> {
+        self.keys.iter().map(|(caller, _)| caller)
     }
 
-    /// The client behind the request's bearer key, or the 401 to answer.
-    pub fn authenticate(&self, req: &HttpRequest) -> Result<&Client, Problem> {
+    /// The caller behind the request's bearer key, or the 401 to answer.
+    pub fn authenticate(&self, req: &HttpRequest) -> Result<&Caller, Problem> {
         let Some(header) = req.headers().get(AUTHORIZATION) else {
             return Err(unauthorized("missing"));
         };
@@ -97,9 +97,9 @@ impl Authenticator {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Compare against every key, without stopping early, in constant time each.
         let mut found = None;
-        for (client, hash) in &self.keys {
+        for (caller, hash) in &self.keys {
             if bool::from(hash.ct_eq(&presented)) {
-                found = Some(client);
+                found = Some(caller);
             }
         }
         found.ok_or_else(|| unauthorized("unknown"))

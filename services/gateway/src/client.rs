@@ -4,13 +4,17 @@
 //! its buffers and its task for as long as it lives, so a request costs one message to that
 //! task. (awc built a new codec, with its own clock-refresh task, for every request: about
 //! a tenth of the gateway's CPU.) A pool belongs to one worker thread and is never shared.
+//!
+//! A send reports whether the request left the gateway: one that was never written (no
+//! connection could be made, or a new connection closed before it was written) comes back
+//! whole, body included, to be sent to another endpoint.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::error::Error as StdError;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -31,55 +35,97 @@ const MAX_IDLE_PER_ENDPOINT: usize = 256;
 /// The body of a request to an upstream.
 pub enum RequestBody {
     Empty,
-    /// The client's body, passed on as it arrives and failed once more than `remaining`
-    /// bytes have come, so an oversized body is refused without being held in memory.
-    Streamed {
-        payload: Payload,
-        remaining: u64,
-    },
+    /// Read whole before sending (small bodies): can be sent again.
+    Full(Option<Bytes>),
+    /// The client's body, passed on as it arrives.
+    Streamed(ClientBody),
+}
+
+/// The client's body as it arrives, failed once more than `remaining` bytes have come, so
+/// an oversized body is refused without being held in memory.
+pub struct ClientBody {
+    payload: Payload,
+    remaining: u64,
+    /// Whether the last read found nothing from the client yet: if the deadline passes then,
+    /// the client is the one that stalled.
+    waiting_for_client: Rc<Cell<bool>>,
+}
+
+impl ClientBody {
+    pub fn new(payload: Payload, limit: u64) -> (Self, Rc<Cell<bool>>) {
+        let waiting_for_client = Rc::new(Cell::new(false));
+        (Self { payload, remaining: limit, waiting_for_client: waiting_for_client.clone() }, waiting_for_client)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("request body over the limit")]
 pub struct BodyTooLarge;
 
+/// The client's body broke off: it went away, or sent something that is not HTTP.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body broke off: {0}")]
+pub struct ClientBodyBroken(String);
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let RequestBody::Streamed { payload, remaining } = self.get_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(payload).poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                let size = chunk.len() as u64;
-                if size > *remaining {
-                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Full(bytes) => Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes)))),
+            RequestBody::Streamed(body) => {
+                let polled = Pin::new(&mut body.payload).poll_next(cx);
+                body.waiting_for_client.set(polled.is_pending());
+                match polled {
+                    Poll::Ready(Some(Ok(chunk))) => {
+                        let size = chunk.len() as u64;
+                        if size > body.remaining {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                        }
+                        body.remaining -= size;
+                        Poll::Ready(Some(Ok(Frame::data(chunk))))
+                    }
+                    Poll::Ready(Some(Err(error))) => {
+                        Poll::Ready(Some(Err(Box::new(ClientBodyBroken(error.to_string())))))
+                    }
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
                 }
-                *remaining -= size;
-                Poll::Ready(Some(Ok(Frame::data(chunk))))
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, RequestBody::Empty)
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Full(bytes) => bytes.is_none(),
+            RequestBody::Streamed(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            RequestBody::Empty | RequestBody::Full(None) => http_body::SizeHint::with_exact(0),
+            RequestBody::Full(Some(bytes)) => http_body::SizeHint::with_exact(bytes.len() as u64),
+            RequestBody::Streamed(_) => http_body::SizeHint::default(),
+        }
     }
 }
 
 /// Why a request got no response.
-#[derive(Debug)]
-pub enum SendError {
-    /// No connection could be made: the upstream never saw the request.
-    Connect(String),
+pub enum SendFailure {
+    /// Never written: no connection could be made, or a new one closed before the request
+    /// was written. The request comes back, to go elsewhere.
+    NotSent { cause: String, request: Box<Request<RequestBody>> },
     /// The client's body passed the limit while streaming.
     BodyTooLarge,
-    /// The connection failed after the request was (perhaps partly) sent.
-    Failed(String),
+    /// The client's body broke off while streaming.
+    ClientBodyBroken(String),
+    /// Written (perhaps partly), then the connection failed before a response arrived: the
+    /// upstream may or may not have acted on it.
+    ConnectionLost(String),
 }
 
 type Sender = SendRequest<RequestBody>;
@@ -90,11 +136,11 @@ struct Idle {
     since: Instant,
 }
 
-/// One worker's connections, by endpoint address (`host:port`).
+/// One worker's connections, by endpoint address.
 pub struct UpstreamClient {
     /// Oldest first: requests take the most recently used connection, so a burst's extra
     /// connections age out.
-    idle: RefCell<HashMap<Arc<str>, Vec<Idle>>>,
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -105,43 +151,51 @@ impl UpstreamClient {
     }
 
     /// Sends `request` to `address` on an idle connection, or a new one. The response comes
-    /// with the connection's [`Lease`]: release it once the body has been read to the end.
+    /// with its [`PooledConnection`]: release it once the body has been read to the end.
     pub async fn send(
         self: &Rc<Self>,
-        address: &Arc<str>,
+        address: SocketAddr,
         mut request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    ) -> Result<(Response<Incoming>, PooledConnection), SendFailure> {
         loop {
             let (mut sender, reused) = match self.idle_connection(address).await {
                 Some(sender) => (sender, true),
                 // Boxed: a new connection is rare, and its future would otherwise make
                 // every request's future larger (it is moved into place on each request).
-                None => (Box::pin(self.connect(address)).await?, false),
+                None => match Box::pin(self.connect(address)).await {
+                    Ok(sender) => (sender, false),
+                    Err(cause) => return Err(SendFailure::NotSent { cause, request: Box::new(request) }),
+                },
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    let lease = Lease { client: self.clone(), address: address.clone(), sender };
-                    return Ok((response, lease));
+                    return Ok((response, PooledConnection { client: self.clone(), address, sender }));
                 }
                 Err(mut error) => match error.take_message() {
-                    // Not written at all: an idle connection closed as it was picked up. Any
-                    // request may go again, on another connection.
+                    // An idle connection closed as it was picked up: try the next one.
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(classify(error.into_error())),
+                    Some(unsent) => {
+                        let cause = format!("connection to {address} closed before the request was written");
+                        return Err(SendFailure::NotSent { cause, request: Box::new(unsent) });
+                    }
+                    None => return Err(classify(error.into_error())),
                 },
             }
         }
     }
 
-    async fn idle_connection(&self, address: &str) -> Option<Sender> {
+    async fn idle_connection(&self, address: SocketAddr) -> Option<Sender> {
         loop {
             let mut sender = {
                 let mut idle = self.idle.borrow_mut();
-                let connections = idle.get_mut(address)?;
-                let newest = connections.pop()?;
+                let connections = idle.get_mut(&address)?;
+                let Some(newest) = connections.pop() else {
+                    idle.remove(&address);
+                    return None;
+                };
                 if newest.since.elapsed() > self.idle_timeout {
                     // The upstream may be closing it right now; the rest are older still.
-                    connections.clear();
+                    idle.remove(&address);
                     return None;
                 }
                 newest.sender
@@ -153,10 +207,10 @@ impl UpstreamClient {
         }
     }
 
-    async fn connect(&self, address: &str) -> Result<Sender, SendError> {
+    async fn connect(&self, address: SocketAddr) -> Result<Sender, String> {
         let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(address)).await {
-            Err(_) => return Err(SendError::Connect(format!("connecting to {address} timed out"))),
-            Ok(Err(error)) => return Err(SendError::Connect(format!("connecting to {address}: {error}"))),
+            Err(_) => return Err(format!("connecting to {address} timed out")),
+            Ok(Err(error)) => return Err(format!("connecting to {address}: {error}")),
             Ok(Ok(stream)) => stream,
         };
         // Requests are small and written whole: waiting to coalesce them only adds latency.
@@ -164,7 +218,7 @@ impl UpstreamClient {
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|error| SendError::Connect(format!("connecting to {address}: {error}")))?;
+            .map_err(|error| format!("connecting to {address}: {error}"))?;
         actix_web::rt::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "upstream connection closed");
@@ -174,26 +228,32 @@ impl UpstreamClient {
     }
 }
 
-fn classify(error: hyper::Error) -> SendError {
+/// Whose fault a failed exchange was: the client's body, or the connection.
+fn classify(error: hyper::Error) -> SendFailure {
     let mut cause: Option<&(dyn StdError + 'static)> = Some(&error);
-    let mut too_large = false;
     while let Some(current) = cause {
-        too_large |= current.is::<BodyTooLarge>();
+        if current.is::<BodyTooLarge>() {
+            return SendFailure::BodyTooLarge;
+        }
+        if let Some(broken) = current.downcast_ref::<ClientBodyBroken>() {
+            return SendFailure::ClientBodyBroken(broken.0.clone());
+        }
         cause = current.source();
     }
-    if too_large { SendError::BodyTooLarge } else { SendError::Failed(error.to_string()) }
+    SendFailure::ConnectionLost(error.to_string())
 }
 
 /// A connection in use by one request. Released after the response body was read to the
 /// end, it serves the next request; dropped earlier, the connection closes.
-pub struct Lease {
+pub struct PooledConnection {
     client: Rc<UpstreamClient>,
-    address: Arc<str>,
+    address: SocketAddr,
     sender: Sender,
 }
 
-impl Lease {
+impl PooledConnection {
     pub fn release(self) {
+        // Closed when the upstream answered `Connection: close` (a draining instance).
         if self.sender.is_closed() {
             return;
         }
@@ -208,12 +268,12 @@ impl Lease {
 /// A response body passed on as it arrives; the connection is released at its end.
 pub struct StreamedBody {
     body: Incoming,
-    lease: Option<Lease>,
+    connection: Option<PooledConnection>,
 }
 
 impl StreamedBody {
-    pub fn new(body: Incoming, lease: Lease) -> Self {
-        Self { body, lease: Some(lease) }
+    pub fn new(body: Incoming, connection: PooledConnection) -> Self {
+        Self { body, connection: Some(connection) }
     }
 }
 
@@ -230,8 +290,8 @@ impl Stream for StreamedBody {
                 },
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
                 Poll::Ready(None) => {
-                    if let Some(lease) = self.lease.take() {
-                        lease.release();
+                    if let Some(connection) = self.connection.take() {
+                        connection.release();
                     }
                     return Poll::Ready(None);
                 }

@@ -16,7 +16,7 @@ pub const SERVICE_NAME: &str = "gateway";
 pub async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let Started { settings, service, log_guard: _log_guard } =
         observability::start(SERVICE_NAME, env!("CARGO_PKG_VERSION"), configuration::load, |settings| &settings.log)?;
-    let application = startup::Application::build(settings, service)?;
+    let application = startup::Application::build(settings, service).await?;
     application.run_until_stopped().await?;
     Ok(())
 }

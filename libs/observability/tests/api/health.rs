@@ -111,15 +111,22 @@ async fn a_hanging_check_times_out_and_fails() {
 }
 
 #[tokio::test]
-async fn draining_turns_readiness_503_but_not_liveness() {
+async fn draining_turns_readiness_503_but_not_liveness_and_closes_connections() {
     let app = spawn_app().await;
-    assert_eq!(app.get("/ready").await.status(), 200);
+    let ready = app.get("/ready").await;
+    assert_eq!(ready.status(), 200);
+    assert!(ready.headers().get("connection").is_none_or(|v| v != "close"), "kept alive while serving");
     app.health.begin_draining();
     let response = app.get("/ready").await;
     assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["connection"], "close");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], "draining");
-    assert_eq!(app.get("/health").await.status(), 200);
+    let health = app.get("/health").await;
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.headers()["connection"], "close", "every response asks the client to go elsewhere");
+    let missing = app.get("/no-such-path").await;
+    assert_eq!(missing.headers()["connection"], "close", "errors too");
 }
 
 fn server_on(address: &str) -> ServerSettings {

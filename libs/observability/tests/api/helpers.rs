@@ -15,7 +15,8 @@ use observability::request_id::propagation_headers;
 use observability::server::{self, ServerSettings};
 use observability::shutdown::ShutdownSettings;
 use observability::telemetry::{self, CapturedLogs, LogSettings};
-use observability::{HealthCheck, HealthRegistry, Observe, RequestId, ServiceInfo};
+use observability::{CloseWhileDraining, HealthCheck, HealthRegistry, Observe, RequestId, ServiceInfo};
+pub use test_support::metric_value;
 
 pub fn service() -> ServiceInfo {
     ServiceInfo { name: "observability-test", version: "9.9.9", environment: "test".to_owned() }
@@ -34,6 +35,8 @@ fn server_settings() -> ServerSettings {
 
 pub struct TestApp {
     pub address: String,
+    /// The prefix of the app's own routes (`/items/{id}`, `/broken`, `/echo-context`, `/wait`).
+    pub scope: String,
     pub client: reqwest::Client,
     pub health: HealthRegistry,
 }
@@ -46,6 +49,11 @@ pub async fn spawn_app_with_checks(checks: Vec<Arc<dyn HealthCheck>>) -> TestApp
     LazyLock::force(&LOGS);
     let metrics = Metrics::install(&service()).expect("metrics recorder");
     let health = HealthRegistry::new(&HealthSettings { check_timeout_ms: 300 }, checks);
+    // The app's routes sit under a prefix of their own, so that their metric series (labelled
+    // by route template) are this app's alone: the recorder is the process's, and under
+    // `cargo test` every test runs in one process.
+    let routes = format!("/t{}", &test_support::unique()[..8]);
+    let scope = routes.clone();
     let listener = TcpListener::bind(server_settings().address()).expect("bind port 0");
     let address = format!("http://{}", listener.local_addr().expect("local address"));
     let server = HttpServer::new({
@@ -53,13 +61,17 @@ pub async fn spawn_app_with_checks(checks: Vec<Arc<dyn HealthCheck>>) -> TestApp
         move || {
             App::new()
                 .wrap(from_fn(fail_when_asked))
+                .wrap(CloseWhileDraining(health.clone()))
                 .wrap(Observe)
                 .configure(configure_health(service(), health.clone()))
                 .configure(configure_metrics(metrics.clone()))
-                .route("/items/{id}", web::get().to(item))
-                .route("/broken", web::get().to(broken))
-                .route("/echo-context", web::get().to(echo_context))
-                .route("/wait", web::get().to(wait_forever))
+                .service(
+                    web::scope(&routes)
+                        .route("/items/{id}", web::get().to(item))
+                        .route("/broken", web::get().to(broken))
+                        .route("/echo-context", web::get().to(echo_context))
+                        .route("/wait", web::get().to(wait_forever)),
+                )
         }
     });
     let server =
@@ -68,10 +80,20 @@ pub async fn spawn_app_with_checks(checks: Vec<Arc<dyn HealthCheck>>) -> TestApp
             .expect("listen")
             .run();
     tokio::spawn(server);
-    TestApp { address, client: reqwest::Client::new(), health }
+    TestApp { address, client: reqwest::Client::new(), health, scope }
 }
 
 impl TestApp {
+    /// `path` of one of the app's own routes, with its prefix.
+    pub fn route(&self, path: &str) -> String {
+        format!("{}{path}", self.scope)
+    }
+
+    /// The full URL of an app route.
+    pub fn route_url(&self, path: &str) -> String {
+        format!("{}{}{path}", self.address, self.scope)
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(format!("{}{path}", self.address)).send().await.expect("request")
     }
@@ -84,30 +106,6 @@ impl TestApp {
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         metric_value(&self.metrics_text().await, name, labels)
     }
-}
-
-/// Finds the sample `name{labels}` (labels compared as a set) in exposition text.
-pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let wanted: HashMap<&str, &str> = labels.iter().copied().collect();
-    text.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (series_name, label_text) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.strip_suffix('}')?),
-            None => (series, ""),
-        };
-        if series_name != name {
-            return None;
-        }
-        let found: HashMap<&str, &str> = label_text
-            .split(",")
-            .filter(|pair| !pair.is_empty())
-            .filter_map(|pair| {
-                let (k, v) = pair.split_once('=')?;
-                Some((k, v.trim_matches('"')))
-            })
-            .collect();
-        (found == wanted).then(|| value.parse().ok()).flatten()
-    })
 }
 
 /// Log lines written while serving the request with this id.

@@ -15,8 +15,7 @@ fn assert_generated(id: &str) {
 async fn a_sane_incoming_id_is_kept_and_logged() {
     let app = spawn_app().await;
     let id = "client-id_1.2:3";
-    let response =
-        app.client.get(format!("{}/items/abc", app.address)).header("X-Request-ID", id).send().await.unwrap();
+    let response = app.client.get(app.route_url("/items/abc")).header("X-Request-ID", id).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response_id(&response), id);
 
@@ -24,11 +23,11 @@ async fn a_sane_incoming_id_is_kept_and_logged() {
     let handler_line =
         lines.iter().find(|l| l["msg"].as_str().unwrap().ends_with("looked up an item")).expect("handler line");
     assert_eq!(handler_line["level"], 40, "WARN");
-    assert_eq!(handler_line["route"], "/items/{id}");
+    assert_eq!(handler_line["route"], app.route("/items/{id}"));
     let access = lines.iter().find(|l| l["target"] == "access_log").expect("access line");
     assert_eq!(access["status"], 200);
     assert_eq!(access["method"], "GET");
-    assert_eq!(access["path"], "/items/abc");
+    assert_eq!(access["path"], app.route("/items/abc"));
     assert!(access["latency_ms"].as_f64().unwrap() >= 0.0);
     assert_eq!(lines.len(), 2, "exactly the handler line and one access line: {lines:?}");
 }
@@ -37,13 +36,12 @@ async fn a_sane_incoming_id_is_kept_and_logged() {
 async fn unsafe_or_oversized_incoming_ids_are_replaced() {
     let app = spawn_app().await;
     for bad in ["", "has space", "semi;colon", &"x".repeat(129), "quote\"d"] {
-        let response =
-            app.client.get(format!("{}/items/a", app.address)).header("X-Request-ID", bad).send().await.unwrap();
+        let response = app.client.get(app.route_url("/items/a")).header("X-Request-ID", bad).send().await.unwrap();
         let id = response_id(&response);
         assert_ne!(id, bad);
         assert_generated(&id);
     }
-    let response = app.get("/items/a").await;
+    let response = app.get(&app.route("/items/a")).await;
     assert_generated(&response_id(&response));
 }
 
@@ -55,15 +53,14 @@ async fn error_responses_carry_the_id_too() {
     assert_eq!(not_found.status(), 404);
     assert_generated(&response_id(&not_found));
 
-    let broken = app.get("/broken").await;
+    let broken = app.get(&app.route("/broken")).await;
     assert_eq!(broken.status(), 500);
     let id = response_id(&broken);
     let access = log_lines_for(&id).into_iter().find(|l| l["target"] == "access_log").expect("access line");
     assert_eq!(access["level"], 50, "5xx are logged as errors");
     assert_eq!(access["error"], "database password is wrong", "the cause is in the log with the id");
 
-    let refused =
-        app.client.get(format!("{}/items/a", app.address)).header("x-fail-in-middleware", "1").send().await.unwrap();
+    let refused = app.client.get(app.route_url("/items/a")).header("x-fail-in-middleware", "1").send().await.unwrap();
     assert_eq!(refused.status(), 403);
     let id = response_id(&refused);
     assert_generated(&id);
@@ -77,7 +74,7 @@ async fn handlers_extract_the_id_and_propagate_it_with_traceparent() {
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let response = app
         .client
-        .get(format!("{}/echo-context", app.address))
+        .get(app.route_url("/echo-context"))
         .header("X-Request-ID", "abc")
         .header("traceparent", traceparent)
         .send()
@@ -89,7 +86,7 @@ async fn handlers_extract_the_id_and_propagate_it_with_traceparent() {
     assert_eq!(body["propagated"]["traceparent"], traceparent);
 
     let response =
-        app.client.get(format!("{}/echo-context", app.address)).header("traceparent", "garbage").send().await.unwrap();
+        app.client.get(app.route_url("/echo-context")).header("traceparent", "garbage").send().await.unwrap();
     let id = response_id(&response);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["propagated"]["x-request-id"], id.as_str());
@@ -99,7 +96,7 @@ async fn handlers_extract_the_id_and_propagate_it_with_traceparent() {
 #[tokio::test]
 async fn every_line_is_a_bunyan_object_and_no_span_lines_are_written() {
     let app = spawn_app().await;
-    app.get("/items/x").await;
+    app.get(&app.route("/items/x")).await;
     app.get("/health").await;
     let lines = LOGS.lines();
     assert!(!lines.is_empty());

@@ -111,6 +111,9 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
     assert_eq!(ready.json::<Value>().await.unwrap()["status"], "draining");
     let hello = client.get(format!("{}/hello", demo.address)).send().await.unwrap();
     assert_eq!(hello.status(), 200, "still serving during the drain");
+    assert_eq!(hello.headers()["connection"], "close", "keep-alive clients are sent elsewhere");
+    let head = client.head(format!("{}/health", demo.address)).send().await.unwrap();
+    assert_eq!(head.status(), 200, "HEAD is answered wherever GET is");
     let metrics = client.get(format!("{}/metrics", demo.address)).send().await.unwrap().text().await.unwrap();
     assert_eq!(metric_value(&metrics, "api_active_requests", &[("method", "GET"), ("endpoint", "/work")]), Some(1.0));
 
@@ -120,7 +123,19 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
 
     let status = demo.wait_for_exit();
     assert_eq!(status.code(), Some(0));
+    // The background task ran once more after the last request, then the process finished.
+    wait_for_line(&demo.lines, |l| l["msg"].as_str().is_some_and(|m| m.starts_with("shutdown: no longer accepting")));
+    wait_for_line(&demo.lines, |l| l["msg"] == "flushed");
     wait_for_line(&demo.lines, |l| l["msg"] == "shutdown: complete");
+}
+
+#[tokio::test]
+async fn outside_a_drain_connections_are_kept_alive() {
+    let dependency = TcpListener::bind("127.0.0.1:0").unwrap();
+    let demo = Demo::start(0, &dependency);
+    let hello = reqwest::get(format!("{}/hello", demo.address)).await.unwrap();
+    assert_eq!(hello.status(), 200);
+    assert!(hello.headers().get("connection").is_none_or(|value| value != "close"), "{:?}", hello.headers());
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 
 use actix_web::http::header::{self, ContentType};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use observability::server::get_or_head;
 use problem::{Problem, ProblemDocument};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -15,7 +16,6 @@ use super::repository::{KeyedCreate, Repository, Written};
 use crate::cache::{Cache, Lookup};
 use crate::error::ApiError;
 
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 const DEFAULT_LIMIT: i64 = 20;
 const MAX_LIMIT: i64 = 100;
@@ -53,15 +53,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/v1/items")
             .route(web::post().to(create_item))
-            .route(web::get().to(list_items))
-            .default_service(web::to(|| async { Problem::method_not_allowed(&["GET", "POST"]) })),
+            .route(get_or_head().to(list_items))
+            .default_service(web::to(|| async { Problem::method_not_allowed(&["GET", "HEAD", "POST"]) })),
     )
     .service(
         web::resource("/v1/items/{id}")
-            .route(web::get().to(get_item))
+            .route(get_or_head().to(get_item))
             .route(web::patch().to(patch_item))
             .route(web::delete().to(delete_item))
-            .default_service(web::to(|| async { Problem::method_not_allowed(&["GET", "PATCH", "DELETE"]) })),
+            .default_service(web::to(|| async { Problem::method_not_allowed(&["GET", "HEAD", "PATCH", "DELETE"]) })),
     );
 }
 
@@ -140,15 +140,10 @@ fn canonical_json(value: &serde_json::Value, out: &mut Vec<u8>) {
 }
 
 fn idempotency_key(req: &HttpRequest) -> std::result::Result<Option<&str>, ApiError> {
-    let Some(value) = req.headers().get(IDEMPOTENCY_KEY) else {
+    let Some(value) = req.headers().get(idempotency_key::HEADER) else {
         return Ok(None);
     };
-    value
-        .to_str()
-        .ok()
-        .filter(|key| (1..=255).contains(&key.len()) && key.bytes().all(|b| (0x20..0x7f).contains(&b)))
-        .map(Some)
-        .ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1..=255 printable ASCII characters".to_owned()))
+    idempotency_key::parse(value.as_bytes()).map(Some).map_err(|invalid| ApiError::BadRequest(invalid.to_string()))
 }
 
 /// Create an item.

@@ -16,7 +16,7 @@ fn redis_get(port: u16, key: &str) -> String {
 }
 
 fn cache_key(app: &TestApp, id: &str) -> String {
-    format!("{}item:{id}", app.key_prefix)
+    format!("{}item:{id}", app.cache.prefix)
 }
 
 async fn wait_for_cached_version(app: &TestApp, port: u16, id: &str, version: i32) {

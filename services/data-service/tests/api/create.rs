@@ -110,10 +110,10 @@ async fn protocol_errors_are_problems() {
     assert_problem(unknown_route, 404).await;
 
     let wrong_method = app.client.put(app.url("/v1/items")).send().await.unwrap();
-    assert_eq!(wrong_method.headers()["allow"], "GET, POST");
+    assert_eq!(wrong_method.headers()["allow"], "GET, HEAD, POST");
     assert_problem(wrong_method, 405).await;
     let wrong_method = app.client.post(app.url(&format!("/v1/items/{}", uuid::Uuid::new_v4()))).send().await.unwrap();
-    assert_eq!(wrong_method.headers()["allow"], "GET, PATCH, DELETE");
+    assert_eq!(wrong_method.headers()["allow"], "GET, HEAD, PATCH, DELETE");
     assert_problem(wrong_method, 405).await;
 }
 

@@ -1,6 +1,7 @@
 //! One test binary for the gateway.
 
 mod auth;
+mod endpoints;
 mod helpers;
 mod proxying;
 mod rate_limits;

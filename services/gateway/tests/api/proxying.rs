@@ -10,7 +10,7 @@ use crate::helpers::{
 async fn the_items_contract_works_through_the_gateway() {
     let data = DataService::start().await;
     let key = Key::new();
-    let gateway = spawn_gateway(gateway_settings(&data.address, &key, 1000, 1000, &unique()), key.clone()).await;
+    let gateway = spawn_gateway(gateway_settings(&data.address, &key, 1000, 1000), key.clone()).await;
     let auth = format!("Bearer {}", key.secret);
     let post = |body: Value| {
         gateway.client.post(gateway.url("/api/v1/items")).header("Authorization", &auth).json(&body).send()
@@ -73,7 +73,7 @@ async fn the_items_contract_works_through_the_gateway() {
 async fn one_request_id_from_client_to_data_service() {
     let data = DataService::start().await;
     let key = Key::new();
-    let gateway = spawn_gateway(gateway_settings(&data.address, &key, 1000, 1000, &unique()), key.clone()).await;
+    let gateway = spawn_gateway(gateway_settings(&data.address, &key, 1000, 1000), key.clone()).await;
     let id = format!("e2e-{}", unique());
     let response = gateway.get("/api/v1/items").header("X-Request-ID", &id).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -89,7 +89,7 @@ async fn one_request_id_from_client_to_data_service() {
 async fn headers_are_forwarded_as_a_proxy_should() {
     let upstream = TestUpstream::start();
     let key = Key::new();
-    let gateway = spawn_gateway(gateway_settings(&upstream.address, &key, 1000, 1000, &unique()), key.clone()).await;
+    let gateway = spawn_gateway(gateway_settings(&upstream.address, &key, 1000, 1000), key.clone()).await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let response = gateway
         .get("/api/v1/items/echo?x=1")
@@ -130,8 +130,7 @@ async fn upstream_connections_are_kept_alive_until_idle_too_long_and_hosts_may_b
     let upstream = TestUpstream::start();
     let by_name = upstream.address.replace("127.0.0.1", "localhost");
     let key = Key::new();
-    let gateway =
-        spawn_gateway(gateway_settings(&format!("{by_name}/"), &key, 1000, 1000, &unique()), key.clone()).await;
+    let gateway = spawn_gateway(gateway_settings(&format!("{by_name}/"), &key, 1000, 1000), key.clone()).await;
     let mut peers = Vec::new();
     for _ in 0..3 {
         let response = gateway.get("/api/v1/items/echo").send().await.unwrap();
@@ -144,7 +143,7 @@ async fn upstream_connections_are_kept_alive_until_idle_too_long_and_hosts_may_b
 
     // A connection idle past proxy.idle_timeout_ms is not reused.
     let key = Key::new();
-    let mut settings = gateway_settings(&upstream.address, &key, 1000, 1000, &unique());
+    let mut settings = gateway_settings(&upstream.address, &key, 1000, 1000);
     settings.proxy.idle_timeout_ms = 0;
     let gateway = spawn_gateway(settings, key.clone()).await;
     let mut peers = Vec::new();
@@ -159,7 +158,7 @@ async fn upstream_connections_are_kept_alive_until_idle_too_long_and_hosts_may_b
 async fn large_bodies_stream_through_and_the_limit_holds_while_streaming() {
     let upstream = TestUpstream::start();
     let key = Key::new();
-    let mut settings = gateway_settings(&upstream.address, &key, 1000, 1000, &unique());
+    let mut settings = gateway_settings(&upstream.address, &key, 1000, 1000);
     settings.proxy.body_limit_bytes = 1024 * 1024;
     let gateway = spawn_gateway(settings, key.clone()).await;
     let auth = format!("Bearer {}", key.secret);
@@ -205,7 +204,7 @@ async fn large_bodies_stream_through_and_the_limit_holds_while_streaming() {
 async fn large_responses_stream_back_and_the_connection_then_serves_the_next_request() {
     let upstream = TestUpstream::start();
     let key = Key::new();
-    let gateway = spawn_gateway(gateway_settings(&upstream.address, &key, 1000, 1000, &unique()), key.clone()).await;
+    let gateway = spawn_gateway(gateway_settings(&upstream.address, &key, 1000, 1000), key.clone()).await;
     let peer = || async {
         let echoed: Value = gateway.get("/api/v1/items/echo").send().await.unwrap().json().await.unwrap();
         echoed["peer"].as_str().unwrap().to_owned()
@@ -230,7 +229,7 @@ async fn large_responses_stream_back_and_the_connection_then_serves_the_next_req
 async fn idempotency_keys_are_scoped_to_the_client() {
     let data = DataService::start().await;
     let (first, second) = (Key::new(), Key::new());
-    let mut settings = gateway_settings(&data.address, &first, 1000, 1000, &unique());
+    let mut settings = gateway_settings(&data.address, &first, 1000, 1000);
     let both = format!(
         "[{},{}]",
         first.config(1000, 1000).trim_matches(['[', ']']),
@@ -257,12 +256,12 @@ async fn idempotency_keys_are_scoped_to_the_client() {
     assert_eq!(replay.json::<Value>().await.unwrap()["id"], a["id"]);
 }
 
-#[test]
-fn a_route_prefix_with_a_pattern_is_refused_at_start() {
-    let mut settings = gateway_settings("http://127.0.0.1:1", &Key::new(), 10, 10, &unique());
+#[tokio::test]
+async fn a_route_prefix_with_a_pattern_is_refused_at_start() {
+    let mut settings = gateway_settings("http://127.0.0.1:1", &Key::new(), 10, 10);
     settings.routes[0].prefix = "/api/{version}/items".to_owned();
     let service = observability::ServiceInfo { name: "gateway", version: "test", environment: "test".to_owned() };
-    match gateway::startup::Application::build(settings, service) {
+    match gateway::startup::Application::build(settings, service).await {
         Err(error) => assert!(error.to_string().contains("/api/{version}/items"), "{error}"),
         Ok(_) => panic!("a prefix with a pattern must be refused"),
     }
@@ -272,11 +271,103 @@ fn a_route_prefix_with_a_pattern_is_refused_at_start() {
 async fn the_healthcheck_subcommand_reports_whether_the_gateway_answers() {
     let key = Key::new();
     // Its upstream is down: the gateway is still alive.
-    let gateway = spawn_gateway(gateway_settings("http://127.0.0.1:1", &key, 10, 10, &unique()), key).await;
+    let gateway = spawn_gateway(gateway_settings("http://127.0.0.1:1", &key, 10, 10), key).await;
     let port = gateway.address.rsplit(':').next().unwrap().parse().unwrap();
     tokio::task::spawn_blocking(move || {
         test_support::assert_healthcheck_subcommand(env!("CARGO_BIN_EXE_gateway"), port)
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn head_is_answered_wherever_get_is() {
+    let data = DataService::start().await;
+    let key = Key::new();
+    let gateway = spawn_gateway(gateway_settings(&data.address, &key, 1000, 1000), key.clone()).await;
+    let created = gateway.post("/api/v1/items").json(&json!({"name": "headed"})).send().await.unwrap();
+    let location = created.headers()["location"].to_str().unwrap().to_owned();
+    let got = gateway.get(&location).send().await.unwrap();
+    let length = got.headers()["content-length"].clone();
+    let etag = got.headers()["etag"].clone();
+    for path in [location.as_str(), "/api/v1/items?limit=5"] {
+        let head = gateway.client.head(gateway.url(path)).bearer_auth(&key.secret).send().await.unwrap();
+        assert_eq!(head.status(), 200, "HEAD {path}");
+        if path == location {
+            assert_eq!(head.headers()["content-length"], length, "the length a GET would have");
+            assert_eq!(head.headers()["etag"], etag);
+        }
+        assert!(head.bytes().await.unwrap().is_empty(), "no body");
+    }
+    // The data service itself, and the gateway's own endpoints.
+    let direct = reqwest::Client::new().head(format!("{}{}", data.address, location.replace("/api/v1", "/v1")));
+    assert_eq!(direct.send().await.unwrap().status(), 200);
+    assert_eq!(gateway.client.head(gateway.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(gateway.client.head(format!("{}/metrics", gateway.admin)).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_the_data_service_forbids_is_refused_with_its_own_problem() {
+    let data = DataService::start().await;
+    let key = Key::new();
+    let gateway = spawn_gateway(gateway_settings(&data.address, &key, 1000, 1000), key.clone()).await;
+    let long = "k".repeat(256);
+    let direct = reqwest::Client::new()
+        .post(format!("{}/v1/items", data.address))
+        .header("Idempotency-Key", long.as_str())
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    let expected = assert_problem(direct, 400).await;
+    let values: [&[u8]; 3] = [long.as_bytes(), b"caf\xc3\xa9", b"tab\tkey"];
+    for value in values {
+        let value = reqwest::header::HeaderValue::from_bytes(value).unwrap();
+        let response =
+            gateway.post("/api/v1/items").header("Idempotency-Key", value).json(&json!({"name": "x"})).send().await;
+        let problem = assert_problem(response.unwrap(), 400).await;
+        assert_eq!(problem["detail"], expected["detail"], "the data service's own words");
+    }
+    let listed: Value = gateway.get("/api/v1/items").send().await.unwrap().json().await.unwrap();
+    assert!(listed["items"].as_array().unwrap().is_empty(), "nothing was created");
+}
+
+/// The status line the gateway answers a request whose body stops after `sent` bytes.
+async fn status_of_stalled_request(gateway: &crate::helpers::TestGateway, head: &str, sent: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = gateway.address.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "POST /api/v1/items/echo HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n{head}\r\n\r\n",
+        gateway.key.secret
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(sent).await.unwrap();
+    let mut answer = vec![0u8; 1024];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("an answer, not a hang")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..read]).lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408_not_504() {
+    let upstream = TestUpstream::start();
+    let key = Key::new();
+    let mut settings = gateway_settings(&upstream.address, &key, 1000, 1000);
+    settings.routes[0].timeout_ms = 300;
+    let gateway = spawn_gateway(settings, key.clone()).await;
+    // Small: read whole before sending. Large: streamed. Chunked: streamed.
+    let cases: [(&str, &[u8]); 3] = [
+        ("Content-Length: 100", b"only ten b"),
+        ("Content-Length: 200000", b"only ten b"),
+        ("Transfer-Encoding: chunked", b"a\r\nonly ten b\r\n"),
+    ];
+    for (head, sent) in cases {
+        let status = status_of_stalled_request(&gateway, head, sent).await;
+        assert!(status.starts_with("HTTP/1.1 408"), "{head}: {status}");
+    }
+    // A slow upstream is still a 504.
+    assert_eq!(gateway.get("/api/v1/items/slow?ms=2000").send().await.unwrap().status(), 504);
 }

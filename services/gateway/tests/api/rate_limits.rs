@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use crate::helpers::{Key, TestUpstream, assert_problem, free_port, gateway_settings, spawn_gateway, unique};
+use crate::helpers::{Key, TestUpstream, assert_problem, free_port, gateway_settings, spawn_gateway};
 
 #[tokio::test]
 async fn two_gateways_enforce_one_shared_limit() {
@@ -11,7 +11,7 @@ async fn two_gateways_enforce_one_shared_limit() {
 }
 
 #[tokio::test]
-async fn leases_never_let_two_gateways_exceed_a_fast_keys_limit() {
+async fn reservations_never_let_two_gateways_exceed_a_fast_keys_limit() {
     // Fast key: each gateway reserves several requests per Redis call.
     shared_limit_holds(200, 60, 400).await;
 }
@@ -19,9 +19,10 @@ async fn leases_never_let_two_gateways_exceed_a_fast_keys_limit() {
 async fn shared_limit_holds(rate: u32, burst: u32, requests: u32) {
     let upstream = TestUpstream::start();
     let key = Key::new();
-    let prefix = format!("test:rl:{}:", unique());
-    let first = spawn_gateway(gateway_settings(&upstream.address, &key, rate, burst, &prefix), key.clone()).await;
-    let second = spawn_gateway(gateway_settings(&upstream.address, &key, rate, burst, &prefix), key.clone()).await;
+    // One prefix: the two gateways share the key's bucket, as replicas do.
+    let settings = gateway_settings(&upstream.address, &key, rate, burst);
+    let first = spawn_gateway(settings.clone(), key.clone()).await;
+    let second = spawn_gateway(settings, key.clone()).await;
 
     let started = Instant::now();
     let mut allowed = 0u32;
@@ -50,18 +51,15 @@ async fn shared_limit_holds(rate: u32, burst: u32, requests: u32) {
         metrics.contains(&format!("gateway_ratelimit_decisions_total{{key_id=\"{}\",decision=\"limited\"}}", key.id)),
         "{metrics}"
     );
-
-    test_support::delete_redis_keys(&prefix);
 }
 
 #[tokio::test]
-async fn concurrent_requests_share_leases_without_losing_reserved_requests() {
-    // Lease of 10 requests per Redis call (rate 500/s, burst 100).
+async fn concurrent_requests_share_reservations_without_losing_reserved_requests() {
+    // Reservations of 10 requests per Redis call (rate 500/s, burst 100).
     let (rate, burst, requests) = (500, 100, 300);
     let upstream = TestUpstream::start();
     let key = Key::new();
-    let prefix = format!("test:rl:{}:", unique());
-    let gateway = spawn_gateway(gateway_settings(&upstream.address, &key, rate, burst, &prefix), key.clone()).await;
+    let gateway = spawn_gateway(gateway_settings(&upstream.address, &key, rate, burst), key.clone()).await;
 
     let started = Instant::now();
     let statuses = futures_util::future::join_all(
@@ -71,12 +69,10 @@ async fn concurrent_requests_share_leases_without_losing_reserved_requests() {
     let refilled = (f64::from(rate) * started.elapsed().as_secs_f64()).ceil() as u32;
     let allowed = statuses.iter().filter(|s| **s == 200).count() as u32;
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
-    // Every reserved request is admitted or still leased at the end (at most a lease and a
-    // half): reservations racing each other add up instead of replacing one another.
+    // Every reserved request is admitted or still reserved at the end (at most one and a
+    // half reservations): reservations racing each other add up instead of replacing one another.
     assert!(allowed + 15 >= burst.min(requests), "allowed {allowed} of burst {burst}");
     assert!(allowed <= burst + refilled + 1, "allowed {allowed}, burst {burst}, refilled {refilled}");
-
-    test_support::delete_redis_keys(&prefix);
 }
 
 #[tokio::test]
@@ -84,9 +80,9 @@ async fn a_refusal_is_remembered_until_redis_said_a_request_would_fit() {
     // One request a second: after the burst, the next fits only about a second later.
     let upstream = TestUpstream::start();
     let key = Key::new();
-    let prefix = format!("test:rl:{}:", unique());
-    let settings = || gateway_settings(&upstream.address, &key, 1, 2, &prefix);
-    let first = spawn_gateway(settings(), key.clone()).await;
+    let settings = gateway_settings(&upstream.address, &key, 1, 2);
+    let prefix = settings.rate_limit.key_prefix.clone();
+    let first = spawn_gateway(settings.clone(), key.clone()).await;
     for _ in 0..2 {
         assert_eq!(first.get("/api/v1/items/echo").send().await.unwrap().status(), 200);
     }
@@ -96,23 +92,21 @@ async fn a_refusal_is_remembered_until_redis_said_a_request_would_fit() {
     let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
 
     // Empty the shared bucket: only a replica that remembers the refusal still refuses.
-    test_support::delete_redis_keys(&prefix);
-    let second = spawn_gateway(settings(), key.clone()).await;
+    drop(test_support::RedisNamespace { prefix });
+    let second = spawn_gateway(settings, key.clone()).await;
     let remembered = first.get("/api/v1/items/echo").send().await.unwrap().status();
     let asked = second.get("/api/v1/items/echo").send().await.unwrap().status();
     if refused_at.elapsed() < std::time::Duration::from_millis(900) {
         assert_eq!(remembered, 429, "the refusal holds for its Retry-After ({retry_after} s) without asking Redis");
     }
     assert_eq!(asked, 200, "Redis itself no longer refuses");
-
-    test_support::delete_redis_keys(&prefix);
 }
 
 #[tokio::test]
 async fn without_redis_each_replica_limits_locally_and_keeps_serving() {
     let upstream = TestUpstream::start();
     let key = Key::new();
-    let mut settings = gateway_settings(&upstream.address, &key, 1, 5, &unique());
+    let mut settings = gateway_settings(&upstream.address, &key, 1, 5);
     settings.rate_limit.redis_url = secrecy::SecretString::from(format!("redis://127.0.0.1:{}/0", free_port()));
     let gateway = spawn_gateway(settings, key.clone()).await;
 
