@@ -219,7 +219,7 @@ impl Endpoints {
             );
             return;
         }
-        let ejection_ms = self.outlier.eject(&endpoint.outlier, now_ms);
+        let ejection_ms = self.outlier.eject(&endpoint.outlier, reason, now_ms);
         endpoint.metrics.ejections[usize::from(reason == EjectionReason::LocalOrigin)].increment(1);
         tracing::warn!(
             upstream = %self.upstream,

@@ -4,8 +4,10 @@
 //! An endpoint that answers anything but 2xx (a draining instance answers 503 from the
 //! moment it got SIGTERM) leaves rotation at once, before it closes its listener; one that
 //! does not answer at all leaves after `unhealthy_threshold` probes in a row. It comes back
-//! after `healthy_threshold` 2xx answers in a row, and coming back also ends an outlier
-//! ejection: a restarted instance takes requests again as soon as it is ready.
+//! after `healthy_threshold` 2xx answers in a row. A 2xx answer also ends an outlier
+//! ejection when the endpoint comes back from a failed check (a restart) or was ejected for
+//! failed connects, which the answer disproves: a restarted instance takes requests again as
+//! soon as it is ready, without waiting out its ejection.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

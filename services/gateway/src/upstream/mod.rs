@@ -146,8 +146,10 @@ impl Upstream {
         if probes.contains(&Probe::Ready) {
             self.breaker.reset();
         }
+        let now_ms = self.endpoints.now_ms();
         for (endpoint, probe) in endpoints.iter().zip(probes) {
-            match check.apply(endpoint, &probe) {
+            let transition = check.apply(endpoint, &probe);
+            match transition {
                 Transition::None => {}
                 Transition::WentOut => {
                     let found = match &probe {
@@ -158,9 +160,16 @@ impl Upstream {
                     tracing::warn!(upstream = %self.name, endpoint = %endpoint.address, probe = %found, "endpoint out of rotation: health check failed");
                 }
                 Transition::CameBack => {
-                    endpoint.outlier.reinstate(self.endpoints.now_ms());
                     tracing::info!(upstream = %self.name, endpoint = %endpoint.address, "endpoint back in rotation: health check passed");
                 }
+            }
+            // An endpoint that answers again ends its ejection when it came back from a
+            // failed health check (a restart), or when it was ejected for failed connects,
+            // which the answer disproves. One ejected for failing answers serves its time.
+            let disproved = transition == Transition::CameBack || endpoint.outlier.is_ejected_for_connects(now_ms);
+            if probe == Probe::Ready && disproved && endpoint.outlier.is_ejected(now_ms) {
+                endpoint.outlier.reinstate(now_ms);
+                tracing::info!(upstream = %self.name, endpoint = %endpoint.address, "ejection ended: the endpoint answers its health check");
             }
         }
     }

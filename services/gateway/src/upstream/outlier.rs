@@ -9,7 +9,7 @@
 //! that has been fine for a while starts over. At most `max_ejection_percent` of an
 //! upstream's endpoints are ejected at once, and never the last one.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::configuration::OutlierDetectionSettings;
 
@@ -77,6 +77,9 @@ pub struct OutlierState {
     ejected_until_ms: AtomicU64,
     /// The multiplier of the last ejection.
     ejections: AtomicU32,
+    /// Whether the last ejection was for failed connects, which a passing health check
+    /// disproves (failing answers it does not).
+    ejected_for_connects: AtomicBool,
 }
 
 impl OutlierState {
@@ -89,7 +92,12 @@ impl OutlierState {
         self.consecutive_5xx.load(Ordering::Relaxed) > 0 || self.consecutive_local_origin.load(Ordering::Relaxed) > 0
     }
 
-    /// Ends an ejection early (the active health check saw the endpoint come back).
+    /// Whether the current ejection is for failed connects.
+    pub fn is_ejected_for_connects(&self, now_ms: u64) -> bool {
+        self.is_ejected(now_ms) && self.ejected_for_connects.load(Ordering::Relaxed)
+    }
+
+    /// Ends an ejection early (the active health check saw the endpoint answer).
     pub fn reinstate(&self, now_ms: u64) {
         let _ = self
             .ejected_until_ms
@@ -150,8 +158,8 @@ impl OutlierDetection {
         (total * self.max_ejection_percent as usize / 100).max(1).min(total.saturating_sub(1))
     }
 
-    /// Ejects the endpoint from `now_ms`; returns for how long (milliseconds).
-    pub fn eject(&self, state: &OutlierState, now_ms: u64) -> u64 {
+    /// Ejects the endpoint from `now_ms` for `reason`; returns for how long (milliseconds).
+    pub fn eject(&self, state: &OutlierState, reason: EjectionReason, now_ms: u64) -> u64 {
         let last_until = state.ejected_until_ms.load(Ordering::Relaxed);
         let previous = state.ejections.load(Ordering::Relaxed);
         // One off the multiplier for every base ejection time in rotation since the last.
@@ -160,6 +168,7 @@ impl OutlierDetection {
         let multiplier = u32::try_from(u64::from(previous).saturating_sub(forgiven)).unwrap_or(0) + 1;
         let ejection_ms = self.base_ejection_ms.saturating_mul(u64::from(multiplier)).min(self.max_ejection_ms);
         state.ejections.store(multiplier, Ordering::Relaxed);
+        state.ejected_for_connects.store(reason == EjectionReason::LocalOrigin, Ordering::Relaxed);
         state.ejected_until_ms.store(now_ms.saturating_add(ejection_ms).max(1), Ordering::Relaxed);
         state.reset_counts();
         ejection_ms
@@ -196,25 +205,39 @@ mod tests {
     #[test]
     fn repeated_ejections_last_longer_up_to_the_maximum_and_quiet_time_forgives() {
         let (detection, state) = (detection(), OutlierState::default());
-        assert_eq!(detection.eject(&state, 10_000), 1000);
+        assert_eq!(detection.eject(&state, EjectionReason::Consecutive5xx, 10_000), 1000);
         assert!(state.is_ejected(10_999) && !state.is_ejected(11_000));
-        assert_eq!(detection.eject(&state, 11_000), 2000, "ejected again at once: twice as long");
-        assert_eq!(detection.eject(&state, 13_000), 2500, "three times, capped");
+        assert_eq!(
+            detection.eject(&state, EjectionReason::Consecutive5xx, 11_000),
+            2000,
+            "ejected again at once: twice as long"
+        );
+        assert_eq!(detection.eject(&state, EjectionReason::Consecutive5xx, 13_000), 2500, "three times, capped");
         // 2 s in rotation after the last ejection ended: two off the multiplier of 3.
-        assert_eq!(detection.eject(&state, 15_500 + 2000), 2000);
+        assert_eq!(detection.eject(&state, EjectionReason::Consecutive5xx, 15_500 + 2000), 2000);
         // A long quiet spell: back to one.
-        assert_eq!(detection.eject(&state, 100_000), 1000);
+        assert_eq!(detection.eject(&state, EjectionReason::Consecutive5xx, 100_000), 1000);
     }
 
     #[test]
     fn reinstating_ends_an_ejection_and_forgets_the_failures() {
         let (detection, state) = (detection(), OutlierState::default());
         detection.record(&state, Outcome::Answered(500));
-        detection.eject(&state, 1000);
+        detection.eject(&state, EjectionReason::Consecutive5xx, 1000);
         assert!(state.is_ejected(1500));
         state.reinstate(1500);
         assert!(!state.is_ejected(1500));
         assert!(!state.is_failing());
+    }
+
+    #[test]
+    fn an_ejection_remembers_whether_it_was_for_failed_connects() {
+        let (detection, state) = (detection(), OutlierState::default());
+        detection.eject(&state, EjectionReason::LocalOrigin, 1000);
+        assert!(state.is_ejected_for_connects(1500));
+        state.reinstate(1500);
+        detection.eject(&state, EjectionReason::Consecutive5xx, 2000);
+        assert!(state.is_ejected(2500) && !state.is_ejected_for_connects(2500));
     }
 
     #[test]

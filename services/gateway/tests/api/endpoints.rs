@@ -120,3 +120,36 @@ async fn a_name_that_does_not_resolve_yet_is_a_503_until_it_does() {
     gateway.wait_for_metrics("the name to resolve", |m| endpoints_total(m, &gateway.upstream) == 1.0).await;
     assert_eq!(gateway.get("/api/v1/items/echo").send().await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn an_endpoint_ejected_for_refusing_connections_is_back_as_soon_as_it_answers() {
+    let live = TestUpstream::start();
+    let port = crate::helpers::free_port();
+    let restarted = format!("http://127.0.0.1:{port}");
+    let key = Key::new();
+    let settings = gateway_settings_for(&[&restarted, &live.address], &key, 1000, 1000);
+    assert_eq!(settings.proxy.outlier_detection.base_ejection_time_ms, 30_000, "ejected for far longer than this test");
+    let gateway = spawn_gateway(settings, key.clone()).await;
+    // Until the dead endpoint has been tried (and ejected), every request still succeeds.
+    let endpoint = format!("127.0.0.1:{port}");
+    for _ in 0..50 {
+        assert_eq!(gateway.get("/api/v1/items/echo").send().await.unwrap().status(), 200);
+        let ejections =
+            gateway.upstream_metric("gateway_endpoint_ejections_total", &[("endpoint", endpoint.as_str())]).await;
+        if ejections >= 1.0 {
+            break;
+        }
+    }
+    assert!(
+        gateway.upstream_metric("gateway_endpoint_ejections_total", &[("endpoint", endpoint.as_str())]).await >= 1.0
+    );
+
+    // The instance comes (back) up on its address: its health check passes, and it takes
+    // requests again long before the 30 s ejection would have ended.
+    let back = TestUpstream::start_on(port);
+    let deadline = crate::helpers::Deadline::after_secs(10);
+    while back.hits() == 0 {
+        deadline.check("the restarted endpoint to take requests");
+        gateway.get("/api/v1/items/echo").send().await.unwrap();
+    }
+}
