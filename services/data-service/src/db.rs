@@ -1,17 +1,14 @@
-//! Postgres: the pool, database creation, migrations under an advisory lock, the readiness
+//! Postgres: the pools, database creation, migrations under an advisory lock, the readiness
 //! check, pool metrics, and the classification of database errors.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use deadpool_postgres::{
-    ConfigConnectImpl, Connect, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
-};
-use futures_util::future::BoxFuture;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use observability::HealthCheck;
 use secrecy::ExposeSecret;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
@@ -85,68 +82,81 @@ fn pg_config(settings: &DatabaseSettings) -> Result<tokio_postgres::Config, DbEr
     Ok(config)
 }
 
-/// A pool with explicit bounds and timeouts (deadpool waits forever by default) that checks
-/// each connection with a round trip before handing it out, so a connection that died with
-/// a database restart is replaced instead of failing a request.
+/// Connections for background work and readiness checks, on the main runtime.
+const BACKGROUND_POOL_SIZE: usize = 2;
+
+/// The process's Postgres pools: one per server worker, and one for the work beside the
+/// server (background tasks, readiness checks).
 ///
-/// Connections are opened and driven on the runtime that calls this (the service's main
-/// runtime), see [`DrivenOnMainRuntime`]. Call it from inside that runtime.
-pub fn create_pool(settings: &DatabaseSettings) -> Result<Pool, DbError> {
-    let runtime = tokio::runtime::Handle::try_current()
-        .map_err(|e| DbError::Failed(format!("the database pool needs a Tokio runtime: {e}")))?;
-    let manager = Manager::from_connect(
+/// A worker only ever uses its own pool, so its connections are opened and driven on its own
+/// runtime: a query costs no wake-up of another thread, and a worker that stops at the end
+/// of a drain takes only its own connections with it. (With one pool shared by every worker,
+/// a connection opened by one worker and driven by its runtime died when that worker
+/// stopped, under a request still running on another worker.) `database.pool_size` is
+/// shared out among the workers.
+#[derive(Clone)]
+pub struct Pools {
+    workers: Arc<Vec<Pool>>,
+    next: Arc<AtomicUsize>,
+    background: Pool,
+}
+
+impl Pools {
+    pub fn new(settings: &DatabaseSettings, workers: usize) -> Result<Self, DbError> {
+        let workers = workers.max(1);
+        let per_worker = settings.pool_size.div_ceil(workers).max(1);
+        Ok(Self {
+            workers: Arc::new((0..workers).map(|_| create_pool(settings, per_worker)).collect::<Result<_, _>>()?),
+            next: Arc::new(AtomicUsize::new(0)),
+            background: create_pool(settings, BACKGROUND_POOL_SIZE)?,
+        })
+    }
+
+    /// The pool of the worker that calls this (once, when it builds its app).
+    pub fn for_worker(&self) -> Pool {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        self.workers[index].clone()
+    }
+
+    /// For work outside the server's workers.
+    pub fn background(&self) -> &Pool {
+        &self.background
+    }
+
+    /// Refreshes the pool gauges, summed over every pool; called right before each scrape.
+    pub fn record_metrics(&self) {
+        let (mut max, mut open, mut idle, mut waiting) = (0, 0, 0, 0);
+        for pool in self.workers.iter().chain([&self.background]) {
+            let status = pool.status();
+            max += status.max_size;
+            open += status.size;
+            idle += status.available;
+            waiting += status.waiting;
+        }
+        metrics::gauge!("db_pool_connections", "state" => "max").set(max as f64);
+        metrics::gauge!("db_pool_connections", "state" => "open").set(open as f64);
+        metrics::gauge!("db_pool_connections", "state" => "idle").set(idle as f64);
+        metrics::gauge!("db_pool_waiting").set(waiting as f64);
+    }
+}
+
+/// A pool of `size` with explicit bounds and timeouts (deadpool waits forever by default)
+/// that checks each connection with a round trip before handing it out, so a connection that
+/// died with a database restart is replaced instead of failing a request.
+fn create_pool(settings: &DatabaseSettings, size: usize) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
         pg_config(settings)?,
-        DrivenOnMainRuntime(runtime),
+        NoTls,
         ManagerConfig { recycling_method: RecyclingMethod::Verified },
     );
     Pool::builder(manager)
-        .max_size(settings.pool_size)
+        .max_size(size)
         .wait_timeout(Some(Duration::from_millis(settings.wait_timeout_ms)))
         .create_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
         .recycle_timeout(Some(Duration::from_millis(settings.recycle_timeout_ms)))
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| DbError::Failed(format!("cannot build the database pool: {e}")))
-}
-
-/// Opens each pooled connection on the service's main runtime and drives it there, rather
-/// than on the server worker whose request happened to need a new connection.
-///
-/// Every worker shares the pool, and at the end of a drain each worker stops as soon as its
-/// own requests are done, taking the tasks spawned on it along. A connection driven by a
-/// worker that has stopped dies under whichever request on another worker is using it (the
-/// request then fails with "connection closed"). The main runtime runs until every worker
-/// has finished.
-struct DrivenOnMainRuntime(tokio::runtime::Handle);
-
-impl Connect for DrivenOnMainRuntime {
-    fn connect(
-        &self,
-        pg_config: &tokio_postgres::Config,
-    ) -> BoxFuture<'_, Result<(tokio_postgres::Client, JoinHandle<()>), tokio_postgres::Error>> {
-        let (config, fallback) = (pg_config.clone(), pg_config.clone());
-        Box::pin(async move {
-            let (opened, client) = oneshot::channel();
-            // Connected there too: a socket belongs to the runtime that opened it.
-            let driver = self.0.spawn(async move {
-                match config.connect(NoTls).await {
-                    Ok((client, connection)) => {
-                        if opened.send(Ok(client)).is_ok()
-                            && let Err(error) = connection.await
-                        {
-                            tracing::warn!(%error, "database connection closed with an error");
-                        }
-                    }
-                    Err(error) => drop(opened.send(Err(error))),
-                }
-            });
-            match client.await {
-                Ok(client) => Ok((client?, driver)),
-                // The main runtime is shutting down: the process is exiting. Connect here.
-                Err(_) => ConfigConnectImpl { tls: NoTls }.connect(&fallback).await,
-            }
-        })
-    }
 }
 
 async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
@@ -221,15 +231,6 @@ pub fn describe_metrics() {
     );
     metrics::describe_gauge!("db_pool_connections", "Postgres pool connections: max, open, idle.");
     metrics::describe_gauge!("db_pool_waiting", "Requests waiting for a pooled Postgres connection.");
-}
-
-/// Refreshes the pool gauges; called right before each scrape.
-pub fn record_pool_metrics(pool: &Pool) {
-    let status = pool.status();
-    metrics::gauge!("db_pool_connections", "state" => "max").set(status.max_size as f64);
-    metrics::gauge!("db_pool_connections", "state" => "open").set(status.size as f64);
-    metrics::gauge!("db_pool_connections", "state" => "idle").set(status.available as f64);
-    metrics::gauge!("db_pool_waiting").set(status.waiting as f64);
 }
 
 /// `/ready`: a pooled `SELECT 1`. Critical: without Postgres no request can succeed.

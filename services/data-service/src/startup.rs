@@ -48,12 +48,12 @@ impl Application {
         if settings.database.migrate_on_start {
             db::migrate(&settings.database).await?;
         }
-        let pool = db::create_pool(&settings.database)?;
+        let pools = db::Pools::new(&settings.database, settings.server.worker_count())?;
         let cache = Cache::new(&settings.cache)?;
         let metrics = Metrics::install(&service)?
             .with_collector({
-                let pool = pool.clone();
-                move || db::record_pool_metrics(&pool)
+                let pools = pools.clone();
+                move || pools.record_metrics()
             })
             .with_collector({
                 let cache = cache.clone();
@@ -67,24 +67,29 @@ impl Application {
             "Keyed POSTs answered with their stored first response."
         );
         let checks: Vec<Arc<dyn HealthCheck>> =
-            vec![Arc::new(PostgresCheck(pool.clone())), Arc::new(RedisCheck(cache.redis().clone()))];
+            vec![Arc::new(PostgresCheck(pools.background().clone())), Arc::new(RedisCheck(cache.redis().clone()))];
         let health = HealthRegistry::new(&settings.health, checks);
 
-        let repository = Repository::new(pool);
-        let background = background_work(&repository, &cache, settings.idempotency.purge_interval_secs);
-        let items =
-            web::Data::new(ItemsState { repository, cache, idempotency_ttl_secs: settings.idempotency.ttl_secs });
+        let background = background_work(
+            &Repository::new(pools.background().clone()),
+            &cache,
+            settings.idempotency.purge_interval_secs,
+        );
+        let idempotency_ttl_secs = settings.idempotency.ttl_secs;
         let body_limit = settings.items.body_limit_bytes;
 
         let (listener, port) = server::bind(&settings.server.address())?;
         let server = HttpServer::new({
             let health = health.clone();
             move || {
+                // Built on the worker that serves with it: see `db::Pools`.
+                let repository = Repository::new(pools.for_worker());
+                let items = ItemsState { repository, cache: cache.clone(), idempotency_ttl_secs };
                 App::new()
                     .wrap(ProblemJson)
                     .wrap(CloseWhileDraining(health.clone()))
                     .wrap(Observe)
-                    .app_data(items.clone())
+                    .app_data(web::Data::new(items))
                     .app_data(web::PayloadConfig::new(body_limit))
                     .configure(configure_health(service.clone(), health.clone()))
                     .configure(configure_metrics(metrics.clone()))
