@@ -111,7 +111,23 @@ pub struct CircuitBreakerSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSettings {
+    /// A list, or one string of comma-separated URLs (what an `APP__UPSTREAMS__<NAME>__URLS`
+    /// variable can hold).
+    #[serde(deserialize_with = "one_or_many")]
     pub urls: Vec<String>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        List(Vec<String>),
+        Joined(String),
+    }
+    Ok(match Urls::deserialize(deserializer)? {
+        Urls::List(urls) => urls,
+        Urls::Joined(joined) => joined.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect(),
+    })
 }
 
 /// Requests whose path starts with `prefix` go to `upstream`, with `prefix` replaced by
@@ -289,6 +305,16 @@ mod tests {
         assert_eq!(routing.routes.len(), 1);
         assert_eq!(routing.routes[0].prefix, "/api/v1/items");
         assert_eq!(routing.upstreams[routing.routes[0].upstream].name, "data-service");
+    }
+
+    #[test]
+    fn upstream_urls_can_come_from_one_environment_variable() {
+        let env = std::collections::HashMap::from([(
+            "APP__UPSTREAMS__DATA-SERVICE__URLS".to_owned(),
+            "http://a:8081, http://b:8081".to_owned(),
+        )]);
+        let loaded: Settings = settings::load_from(BASE, env).unwrap().settings;
+        assert_eq!(loaded.upstreams["data-service"].urls, ["http://a:8081", "http://b:8081"]);
     }
 
     #[test]

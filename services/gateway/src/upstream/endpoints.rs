@@ -31,7 +31,7 @@ pub struct Endpoint {
     url_index: usize,
     in_flight: AtomicU32,
     pub(super) outlier: OutlierState,
-    /// What the active health check last concluded (true until it says otherwise).
+    /// What the active health check last concluded.
     healthy: AtomicBool,
     pub(super) health_probes: ProbeCounts,
     metrics: EndpointMetrics,
@@ -52,7 +52,7 @@ struct EndpointMetrics {
 }
 
 impl Endpoint {
-    fn new(upstream: &str, url: Arc<EndpointUrl>, url_index: usize, address: SocketAddr) -> Self {
+    fn new(upstream: &str, url: Arc<EndpointUrl>, url_index: usize, address: SocketAddr, healthy: bool) -> Self {
         let label = address.to_string();
         let requests = Outcome::LABELS.map(|outcome| {
             metrics::counter!("gateway_endpoint_requests_total", "upstream" => upstream.to_owned(), "endpoint" => label.clone(), "outcome" => outcome)
@@ -67,7 +67,7 @@ impl Endpoint {
             url_index,
             in_flight: AtomicU32::new(0),
             outlier: OutlierState::default(),
-            healthy: AtomicBool::new(true),
+            healthy: AtomicBool::new(healthy),
             health_probes: ProbeCounts::default(),
             metrics: EndpointMetrics { requests, duration, ejections },
         }
@@ -232,8 +232,10 @@ impl Endpoints {
 
     /// Installs what discovery found: `found[i]` holds the addresses of URL `i`, or `None`
     /// when its lookup failed (it keeps the addresses it had). Endpoints that stay keep
-    /// their state; an address named by two URLs is one endpoint, of the first.
-    pub fn replace(&self, found: &[Option<BTreeSet<SocketAddr>>]) -> Changes {
+    /// their state; an address named by two URLs is one endpoint, of the first. New
+    /// endpoints start in rotation when `trusted`, else out until their first health check
+    /// passes (an instance that has just appeared in DNS may not be listening yet).
+    pub fn replace(&self, found: &[Option<BTreeSet<SocketAddr>>], trusted: bool) -> Changes {
         let old = self.current.load_full();
         let mut next: Vec<Arc<Endpoint>> = Vec::with_capacity(old.len());
         for (index, url) in self.urls.iter().enumerate() {
@@ -246,7 +248,11 @@ impl Endpoints {
                     continue;
                 }
                 let kept = old.iter().find(|e| e.address == address && e.url_index == index).cloned();
-                next.push(kept.unwrap_or_else(|| Arc::new(Endpoint::new(&self.upstream, url.clone(), index, address))));
+                next.push(
+                    kept.unwrap_or_else(|| {
+                        Arc::new(Endpoint::new(&self.upstream, url.clone(), index, address, trusted))
+                    }),
+                );
             }
         }
         let changes = Changes {
@@ -295,7 +301,7 @@ mod tests {
         let url = EndpointUrl::parse("http://svc:8081").unwrap();
         let endpoints = Endpoints::new("test", vec![url], outlier, 50);
         let addresses = (1..=count).map(|i| SocketAddr::from(([10, 0, 0, i], 8081))).collect();
-        endpoints.replace(&[Some(addresses)]);
+        endpoints.replace(&[Some(addresses)], true);
         endpoints
     }
 
@@ -355,10 +361,12 @@ mod tests {
         let endpoints = endpoints(2, 50);
         let kept = find(&endpoints, 2);
         let _request = kept.start();
-        let changes = endpoints.replace(&[Some(BTreeSet::from([address(2), address(3)]))]);
+        let changes = endpoints.replace(&[Some(BTreeSet::from([address(2), address(3)]))], false);
         assert_eq!(changes, Changes { added: vec![address(3)], removed: vec![address(1)] });
         assert!(Arc::ptr_eq(&find(&endpoints, 2), &kept));
-        assert_eq!(endpoints.replace(&[None]), Changes::default(), "a failed lookup keeps what was there");
+        assert!(kept.is_healthy(), "an endpoint that stays keeps its state");
+        assert!(!find(&endpoints, 3).is_healthy(), "a new one waits for its first health check");
+        assert_eq!(endpoints.replace(&[None], false), Changes::default(), "a failed lookup keeps what was there");
         assert_eq!(endpoints.snapshot().len(), 2);
     }
 

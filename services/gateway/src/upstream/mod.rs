@@ -19,6 +19,7 @@ pub mod retry_budget;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Histogram};
@@ -62,6 +63,9 @@ pub struct Upstream {
     retry_budget: RetryBudget,
     health_check: Option<HealthCheck>,
     resolver: Arc<dyn Resolve>,
+    /// Whether discovery has installed an answer yet: endpoints found at start take
+    /// requests at once, those found later after their first health check.
+    discovered: AtomicBool,
     duration: Histogram,
     /// `gateway_upstream_requests_total` by outcome (a status code or a failure kind).
     requests: HandleCache<&'static str, Counter>,
@@ -87,12 +91,13 @@ impl Upstream {
                 discovery::Host::Name(_) => None,
             })
             .collect();
-        endpoints.replace(&literal);
+        endpoints.replace(&literal, true);
         Self {
             breaker: CircuitBreaker::new(&name, &settings.circuit_breaker),
             retry_budget: RetryBudget::new(&name, settings.retry_budget.budget_percent),
             health_check: HealthCheck::new(&settings.health_check),
             resolver,
+            discovered: AtomicBool::new(false),
             duration: metrics::histogram!("gateway_upstream_duration_seconds", "upstream" => name.clone()),
             requests: HandleCache::new(),
             retries: RetryReason::ALL.map(|reason| {
@@ -121,7 +126,11 @@ impl Upstream {
                 }
             }
         }
-        let changes = self.endpoints.replace(&found);
+        let trusted = self.health_check.is_none() || !self.discovered.load(Ordering::Relaxed);
+        let changes = self.endpoints.replace(&found, trusted);
+        if found.iter().any(Option::is_some) {
+            self.discovered.store(true, Ordering::Relaxed);
+        }
         if !changes.added.is_empty() || !changes.removed.is_empty() {
             tracing::info!(
                 upstream = %self.name,

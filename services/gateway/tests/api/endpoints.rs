@@ -85,6 +85,8 @@ async fn a_host_name_is_one_endpoint_per_address_and_follows_the_dns_answer() {
     // A new replica appears in the answer: it takes requests.
     resolver.answer("data-service.test", &[&a.address, &b.address]);
     gateway.wait_for_metrics("two endpoints", |m| endpoints_total(m, &gateway.upstream) == 2.0).await;
+    // It may not be listening yet: it waits for its first health check.
+    wait_until_healthy(&gateway, &b, true).await;
     for _ in 0..40 {
         assert_eq!(gateway.get("/api/v1/items/echo").send().await.unwrap().status(), 200);
     }
