@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import threading
 import time
 import urllib.request
 import uuid
+
+from local_services import Postgres, Redis, free_port, wait_until
 
 API_KEY = "drill-key-" + uuid.uuid4().hex
 CLIENTS = 8
@@ -42,21 +43,6 @@ urllib.request.install_opener(urllib.request.build_opener(urllib.request.ProxyHa
 
 def log(message):
     print(f"==> drill: {message}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(what, check, timeout=30.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return time.monotonic()
-        time.sleep(interval)
-    raise SystemExit(f"drill: timed out waiting for {what}")
 
 
 def http_status(url, timeout=1.0):
@@ -94,44 +80,6 @@ def scrape(url):
 def metric_sum(samples, name, **labels):
     wanted = set(labels.items())
     return sum(v for (n, l), v in samples.items() if n == name and wanted <= set(l))
-
-
-class Postgres:
-    """A cluster of the drill's own, started and stopped with pg_ctl."""
-
-    def __init__(self, work):
-        versions = sorted(os.listdir("/usr/lib/postgresql"), key=int)
-        self.bin = f"/usr/lib/postgresql/{versions[-1]}/bin"
-        self.data = os.path.join(work, "postgres")
-        self.port = free_port()
-        os.makedirs(self.data)
-        if os.geteuid() == 0:
-            shutil.chown(work, "postgres")
-            shutil.chown(self.data, "postgres")
-        self.run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
-
-    def run(self, tool, *args):
-        command = [os.path.join(self.bin, tool), *args]
-        if os.geteuid() == 0:
-            # initdb and pg_ctl refuse to run as root.
-            command = ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(f"'{a}'" for a in command)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def start(self):
-        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self.run("pg_ctl", "-D", self.data, "-l", os.path.join(self.data, "server.log"), "-o", options, "-w", "start")
-
-    def stop(self):
-        self.run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
-
-    def query(self, sql):
-        output = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "stackline_drill", "-At", "-c", sql],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return [line for line in output.stdout.splitlines() if line]
 
 
 class Service:
@@ -207,7 +155,8 @@ class Load:
             method, path, body, headers = self.request(kind, rng)
             result = Result(self.phase, kind, time.monotonic())
             for _attempt in range(len(order)):
-                if connection is None:
+                fresh = connection is None
+                if fresh:
                     connection = http.client.HTTPConnection("127.0.0.1", order[0], timeout=REQUEST_TIMEOUT_SECS)
                 try:
                     connection.request(method, path, body=body, headers=headers)
@@ -221,8 +170,15 @@ class Load:
                         connection.close()
                         connection = None
                     break
-                except ConnectionRefusedError:
-                    # Never sent: the same request goes to the other gateway.
+                except (ConnectionRefusedError, ConnectionResetError) as error:
+                    if not (fresh or isinstance(error, ConnectionRefusedError)):
+                        result.error = f"{type(error).__name__}: {error}"
+                        connection.close()
+                        connection = None
+                        break
+                    # Refused, or reset before any answer on a connection opened for this
+                    # request: the gateway never read it (the kernel resets connections still
+                    # queued when a listener closes). The request goes to the other gateway.
                     connection.close()
                     connection = None
                     order = order[1:] + order[:1]
@@ -316,9 +272,15 @@ class Sampler:
 
 
 def summarize(results, database_down_between=None):
+    """Requests, failures and failures by kind. A request in progress at any moment of
+    `database_down_between` may meet the outage."""
     failed = []
     for r in results:
-        down = database_down_between is not None and database_down_between[0] <= r.started <= database_down_between[1]
+        down = (
+            database_down_between is not None
+            and r.started <= database_down_between[1]
+            and r.ended >= database_down_between[0]
+        )
         if not expected(r, down):
             failed.append(r)
     by_kind = {}
@@ -341,27 +303,17 @@ def main():
     log(f"work directory {work}")
     postgres = Postgres(work)
     postgres.start()
-    redis_port = free_port()
-    redis_command = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-
-    def start_redis():
-        output = open(os.path.join(work, "redis.log"), "ab")
-        process = subprocess.Popen(redis_command, stdout=output, stderr=output)
-        wait_until("redis", lambda: subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True).stdout.strip() == b"PONG")
-        return process
-
-    redis = start_redis()
+    redis = Redis(work)
+    redis.start()
     processes = []
     try:
-        report = drill(args, work, postgres, redis_port, start_redis, redis, processes)
+        report = drill(args, work, postgres, redis, processes)
     finally:
         for service in processes:
             if service.process and service.process.poll() is None:
                 service.process.kill()
                 service.process.wait()
-        for process in [redis]:
-            if process.poll() is None:
-                process.kill()
+        redis.stop()
         try:
             postgres.stop()
         except subprocess.CalledProcessError:
@@ -379,8 +331,9 @@ def main():
     log("every target met")
 
 
-def drill(args, work, postgres, redis_port, start_redis, redis, processes):
+def drill(args, work, postgres, redis, processes):
     database_url = f"postgres://postgres@127.0.0.1:{postgres.port}/stackline_drill"
+    redis_port = redis.port
     data_ports = [free_port(), free_port()]
     data_services = []
     for number, port in enumerate(data_ports, 1):
@@ -521,11 +474,10 @@ rate_limit: {{redis_url: "redis://127.0.0.1:{redis_port}/0", key_prefix: "drill:
     # 3. Redis stopped for 5 s.
     before = [scrape(url) for url in admin_urls]
     phase("redis")
-    redis.send_signal(signal.SIGTERM)
-    redis.wait()
+    redis.stop()
     time.sleep(5)
     during = [scrape(url) for url in admin_urls]
-    redis = start_redis()
+    redis.start()
     settle(3)
     after = [scrape(url) for url in admin_urls]
     summary = summarize(load.of("redis"))
@@ -557,7 +509,7 @@ rate_limit: {{redis_url: "redis://127.0.0.1:{redis_port}/0", key_prefix: "drill:
     report["phases"]["postgres"] = summary
     gets = [r for r in results if r.kind == "get"]
     get_failures = [r for r in gets if not expected(r)]
-    writes_during = [r for r in results if r.kind != "get" and r.kind != "list" and down_at <= r.started <= up_at]
+    writes_during = [r for r in results if r.kind not in ("get", "list") and r.started <= up_at and r.ended >= down_at]
     refused = [r for r in writes_during if r.status == 503]
     slowest_refusal = round(max((r.ended - r.started for r in refused), default=0.0), 3)
     recovered = [r.ended for r in results if r.kind in ("post", "post_keyed", "patch") and expected(r) and r.ended > up_at]
@@ -588,10 +540,11 @@ rate_limit: {{redis_url: "redis://127.0.0.1:{redis_port}/0", key_prefix: "drill:
 
     # 6. Nothing acknowledged was lost, nothing repeated was doubled.
     acknowledged = {r.item for r in load.results if r.item}
-    stored = set(postgres.query("SELECT id FROM items"))
+    stored = set(postgres.sql("SELECT id FROM items", database="stackline_drill"))
     missing = acknowledged - stored
-    doubled = postgres.query(
-        "SELECT name FROM items WHERE name LIKE 'drill-keyed-%' GROUP BY name HAVING count(*) > 1"
+    doubled = postgres.sql(
+        "SELECT name FROM items WHERE name LIKE 'drill-keyed-%' GROUP BY name HAVING count(*) > 1",
+        database="stackline_drill",
     )
     sample = random.Random(1).sample(sorted(acknowledged), min(200, len(acknowledged)))
     unreadable = [item for item in sample if http_status_with_key(gateway_ports[1], item) != 200]

@@ -4,7 +4,11 @@
 //!    directory and in an image that holds nothing but the binary);
 //! 2. `$APP_CONFIG_DIR/$APP_ENV.yaml` when that file exists (`APP_CONFIG_DIR` defaults to
 //!    `config`, `APP_ENV` to `local`);
-//! 3. environment variables `APP__SECTION__KEY` (`APP__SERVER__PORT=8081`).
+//! 3. environment variables `APP__SECTION__KEY` (`APP__SERVER__PORT=8081`);
+//! 4. files named by `APP_FILE__SECTION__KEY` variables: the key's value is the file's
+//!    content (without the final newline). Secrets are mounted as files rather than put in
+//!    the environment, where `/proc/<pid>/environ`, crash reports and `kubectl describe`
+//!    show them.
 //!
 //! Any error is one line naming the key and what was expected.
 
@@ -15,6 +19,8 @@ use config::{Config, Environment, File, FileFormat};
 use serde::de::DeserializeOwned;
 
 pub const ENVIRONMENT_VAR: &str = "APP_ENV";
+/// Prefix of the variables that name a file holding a key's value.
+pub const FILE_VAR_PREFIX: &str = "APP_FILE__";
 pub const CONFIG_DIR_VAR: &str = "APP_CONFIG_DIR";
 const DEFAULT_ENVIRONMENT: &str = "local";
 
@@ -24,6 +30,8 @@ pub enum SettingsError {
     InvalidEnvironment(String),
     #[error("invalid configuration: {0}")]
     Invalid(#[from] config::ConfigError),
+    #[error("invalid configuration: {variable}: cannot read {path}: {reason}")]
+    File { variable: String, path: String, reason: String },
 }
 
 /// The settings with where they came from.
@@ -59,16 +67,27 @@ pub fn load_from<T: DeserializeOwned>(
         files.push(environment_file.display().to_string());
         builder = builder.add_source(File::from(environment_file).format(FileFormat::Yaml));
     }
-    let settings = builder
-        .add_source(
-            Environment::with_prefix("APP")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(env.into_iter().collect())),
-        )
-        .build()?
-        .try_deserialize()?;
+    let mut from_files = Vec::new();
+    for (variable, path) in &env {
+        let Some(key) = variable.strip_prefix(FILE_VAR_PREFIX) else { continue };
+        let value = std::fs::read_to_string(path).map_err(|error| SettingsError::File {
+            variable: variable.clone(),
+            path: path.clone(),
+            reason: error.to_string(),
+        })?;
+        from_files.push((key.to_lowercase().replace("__", "."), value.trim_end_matches(['\r', '\n']).to_owned()));
+    }
+    builder = builder.add_source(
+        Environment::with_prefix("APP")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(env.into_iter().filter(|(k, _)| !k.starts_with(FILE_VAR_PREFIX)).collect())),
+    );
+    for (key, value) in from_files {
+        builder = builder.set_override(key, value)?;
+    }
+    let settings = builder.build()?.try_deserialize()?;
     Ok(Loaded { settings, environment, files })
 }
 
@@ -163,6 +182,26 @@ database: { url: 'postgres://app:hunter2@localhost/app', pool_size: 8 }
     #[test]
     fn environment_names_cannot_escape_the_config_directory() {
         assert!(error_of(&[("APP_ENV", "../etc/passwd")]).contains("APP_ENV"));
+    }
+
+    #[test]
+    fn a_value_can_come_from_a_file_named_by_app_file_variables() {
+        let file = std::env::temp_dir().join(format!("settings-secret-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&file, "postgres://app:from-file@db/app\n").unwrap();
+        let path = file.to_str().unwrap();
+        let loaded = load_from::<Sample>(
+            BASE,
+            env(&[("APP_FILE__DATABASE__URL", path), ("APP__DATABASE__URL", "postgres://from-env")]),
+        )
+        .unwrap();
+        assert_eq!(loaded.settings.database.url.expose_secret(), "postgres://app:from-file@db/app", "the file wins");
+        let misspelt = error_of(&[("APP_FILE__DATABASE__URLL", path)]);
+        std::fs::remove_file(&file).unwrap();
+        assert!(misspelt.contains("urll"), "an unknown key is refused, as from any source: {misspelt}");
+        assert!(!misspelt.contains("from-file"), "the file's content is never shown: {misspelt}");
+
+        let error = error_of(&[("APP_FILE__DATABASE__URL", "/nonexistent/secret")]);
+        assert!(error.contains("APP_FILE__DATABASE__URL") && error.contains("/nonexistent/secret"), "{error}");
     }
 
     #[test]
