@@ -8,6 +8,7 @@ For every overlay given (the output of `kubectl kustomize`), fails on:
 - a Secret, ConfigMap or ServiceAccount a workload references that the overlay does not
   create (an ExternalSecret's target counts), a Service named in a service's URL that the
   environment does not create, a Service or autoscaler whose target matches nothing;
+- an image without a version (no tag, or `latest`);
 - a termination grace period that does not cover the drain delay plus the grace period
   (plus a preStop sleep), a Deployment that sets `replicas` under an autoscaler, an
   autoscaler minimum below the PodDisruptionBudget's `minAvailable` + 1.
@@ -129,6 +130,10 @@ def check_overlay(name, docs, environment_services):
                 if "configMapKeyRef" in ref and ref["configMapKeyRef"]["name"] not in by_kind.get("ConfigMap", set()):
                     problem(f"{wname}: ConfigMap {ref['configMapKeyRef']['name']} is not created here")
         for container in containers:
+            image = container.get("image", "")
+            tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+            if "@sha256:" not in image and tag in ("", "latest"):
+                problem(f"{wname} container {container['name']}: image {image} names no version (set it in the overlay's images:)")
             service = service_of(container)
             if not service:
                 continue
@@ -283,8 +288,13 @@ def self_test(files):
     def replicas(docs):
         find(docs, "Deployment", "gateway")["spec"]["replicas"] = 3
 
+    def unversioned(docs):
+        container(docs, "gateway", "gateway")["image"] = "stackline/gateway:latest"
+
     failures = []
-    for break_it in (misspelt, missing_secret, short_grace, low_minimum, wrong_port, probe_port, unknown_host, replicas):
+    for break_it in (
+        misspelt, missing_secret, short_grace, low_minimum, wrong_port, probe_port, unknown_host, replicas, unversioned
+    ):
         broken = copy.deepcopy(overlays)
         break_it(broken[target])
         environments = {}

@@ -36,6 +36,7 @@ wait_until() {
 }
 
 ensure_postgres() {
+  ensure_command psql postgresql-client
   if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return 0; fi
   ensure_command pg_ctlcluster postgresql
   log "starting PostgreSQL"
@@ -46,6 +47,7 @@ ensure_postgres() {
 }
 
 ensure_redis() {
+  ensure_command redis-cli redis-tools
   if redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then return 0; fi
   ensure_command redis-server redis-server
   log "starting Redis"

@@ -54,7 +54,11 @@ class Overlay:
         self.docs = [d for d in yaml.safe_load_all(open(path)) if d]
 
     def find(self, kind, name):
-        return next(d for d in self.docs if d["kind"] == kind and d["metadata"]["name"] == name)
+        """`name` as written, or as a kustomize generator named it (a hash of the content after it)."""
+        for doc in self.docs:
+            if doc["kind"] == kind and re.fullmatch(re.escape(name) + r"(-[a-z0-9]{10})?", doc["metadata"]["name"]):
+                return doc
+        raise SystemExit(f"the overlay has no {kind} {name}")
 
     def secret(self, name):
         data = self.find("Secret", name).get("data", {})
