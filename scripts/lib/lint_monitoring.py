@@ -4,12 +4,16 @@
 Dashboards: a `datasource` variable and `job`/`instance` variables; `timeseries`-style panels
 (never the Angular `graph`) with a unit and a description, on `${datasource}`; `rate` and
 `increase` over `$__rate_interval`; counters only inside `rate`/`increase`; every query
-filtered by `$job` and `$instance`.
+filtered by `$job` and `$instance` (by `$job` alone for recorded series, which aggregate the
+instances).
 
 With --metrics (Prometheus text files scraped from the running services), every metric a
 dashboard or rule reads must exist, and every label it groups or filters by must exist on
 that metric (or be added by Prometheus, `job` and `instance`): a panel on a label the stack
 never produces shows nothing.
+
+Alerts: a severity (page or ticket), a fixed summary, a description with the details, and a
+runbook_url to a section of docs/runbooks.md that exists.
 
   lint_monitoring.py --dashboards DIR --rules FILE... [--metrics FILE...]
 """
@@ -19,6 +23,8 @@ import json
 import pathlib
 import re
 import sys
+
+import yaml
 
 PROMQL_WORDS = {
     "sum", "by", "without", "rate", "irate", "increase", "histogram_quantile", "max", "min", "avg",
@@ -126,19 +132,46 @@ def lint_dashboard(path, metrics, recorded, problems):
                     r"\b(?:rate|irate|increase)\s*\(\s*" + re.escape(name) + r"\b", expr
                 ):
                     problems.append(f"{where}: counter {name} used outside rate/increase")
-            for selector in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*\{([^}]*)\}", expr):
-                if '$job' not in selector or '$instance' not in selector:
-                    problems.append(f"{where}: a selector without the $job and $instance filters: {{{selector}}}")
+            for name, selector in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", expr):
+                # Recorded series (the SLOs) aggregate every instance of a job.
+                needed = ("$job",) if name in recorded else ("$job", "$instance")
+                if not all(variable in selector for variable in needed):
+                    problems.append(f"{where}: a selector without the {' and '.join(needed)} filters: {{{selector}}}")
             check_expr(where, expr, metrics, recorded, problems)
 
 
-def rule_exprs(path):
-    """(name, expr) of every rule; exprs are one line each in our rule files."""
-    text = pathlib.Path(path).read_text()
-    rules = []
-    for match in re.finditer(r"-\s+(record|alert):\s*(\S+)\s*\n\s+expr:\s*(.+)", text):
-        rules.append((match.group(1), match.group(2), match.group(3).strip()))
-    return rules
+def rules_of(path):
+    """Every rule of a rule file."""
+    document = yaml.safe_load(pathlib.Path(path).read_text())
+    return [rule for group in document.get("groups", []) for rule in group.get("rules", [])]
+
+
+def lint_alert(rule, runbook_anchors, problems):
+    """What an on-call engineer needs of an alert: a severity, a summary that stays the same
+    (it titles the page), a description with the details, and a runbook that exists."""
+    where = f"alert {rule['alert']}"
+    if rule.get("labels", {}).get("severity") not in ("page", "ticket"):
+        problems.append(f"{where}: severity is neither page nor ticket")
+    annotations = rule.get("annotations", {})
+    summary, description = annotations.get("summary", ""), annotations.get("description", "")
+    if not summary or "{{" in summary:
+        problems.append(f"{where}: the summary must be fixed text")
+    if "{{" not in description:
+        problems.append(f"{where}: the description must carry the details ({{{{ $labels... }}}}, {{{{ $value }}}})")
+    url = annotations.get("runbook_url", "")
+    match = re.fullmatch(r"https://github\.com/stackline/stackline/blob/main/docs/runbooks\.md#([\w-]+)", url)
+    if not match:
+        problems.append(f"{where}: runbook_url {url!r} is not a section of docs/runbooks.md")
+    elif match.group(1) not in runbook_anchors:
+        problems.append(f"{where}: docs/runbooks.md has no section #{match.group(1)}")
+
+
+def anchors(markdown):
+    """GitHub's anchors of a Markdown file's headings."""
+    found = set()
+    for heading in re.findall(r"^#+\s+(.+?)\s*$", pathlib.Path(markdown).read_text(), flags=re.M):
+        found.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return found
 
 
 def main():
@@ -151,10 +184,13 @@ def main():
     if metrics is not None:
         metrics.setdefault("up", set())
     problems = []
-    rules = [rule for path in args.rules for rule in rule_exprs(path)]
-    recorded = {name for kind, name, _ in rules if kind == "record"}
-    for kind, name, expr in rules:
-        check_expr(f"rule {name}", expr, metrics, recorded, problems)
+    rules = [rule for path in args.rules for rule in rules_of(path)]
+    recorded = {rule["record"] for rule in rules if "record" in rule}
+    runbook_anchors = anchors(pathlib.Path(__file__).resolve().parents[2] / "docs/runbooks.md")
+    for rule in rules:
+        check_expr(f"rule {rule.get('record') or rule.get('alert')}", str(rule["expr"]), metrics, recorded, problems)
+        if "alert" in rule:
+            lint_alert(rule, runbook_anchors, problems)
     dashboards = sorted(pathlib.Path(args.dashboards).glob("*.json"))
     if not dashboards:
         problems.append(f"{args.dashboards}: no dashboards")

@@ -33,6 +33,9 @@ pub struct RedisSettings<'a> {
     pub retry_after_failure: Duration,
     /// Counter incremented (with an `operation` label) on every failed command.
     pub error_counter: &'static str,
+    /// The `operation`s the caller will run (`ping` is this crate's own): their error
+    /// counters start at zero, so that a rate of them exists before the first error.
+    pub operations: &'static [&'static str],
 }
 
 #[derive(Clone)]
@@ -70,6 +73,9 @@ impl Redis {
             ..Default::default()
         });
         let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| RedisError(format!("redis url: {e}")))?;
+        for operation in settings.operations.iter().chain(&["ping"]) {
+            metrics::counter!(settings.error_counter, "operation" => *operation).increment(0);
+        }
         Ok(Self(Arc::new(Inner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             pool,

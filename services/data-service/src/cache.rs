@@ -73,7 +73,10 @@ impl Cache {
             timeout: Duration::from_millis(settings.timeout_ms),
             retry_after_failure: Duration::from_millis(settings.retry_after_failure_ms),
             error_counter: "cache_errors_total",
+            operations: &["get", "put"],
         })?;
+        metrics::counter!("cache_hits_total").increment(0);
+        metrics::counter!("cache_misses_total").increment(0);
         Ok(Self(Arc::new(Inner {
             redis,
             prefix: settings.key_prefix.clone(),

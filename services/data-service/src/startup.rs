@@ -48,9 +48,11 @@ impl Application {
         if settings.database.migrate_on_start {
             db::migrate(&settings.database).await?;
         }
+        // First: what follows registers metrics, which need the recorder.
+        let metrics = Metrics::install(&service)?;
         let pools = db::Pools::new(&settings.database, settings.server.worker_count())?;
         let cache = Cache::new(&settings.cache)?;
-        let metrics = Metrics::install(&service)?
+        let metrics = metrics
             .with_collector({
                 let pools = pools.clone();
                 move || pools.record_metrics()
@@ -59,13 +61,13 @@ impl Application {
                 let cache = cache.clone();
                 move || cache.record_pool_metrics()
             });
-        // Descriptions need the recorder installed.
         db::describe_metrics();
         cache::describe_metrics();
         metrics::describe_counter!(
             "idempotent_replays_total",
             "Keyed POSTs answered with their stored first response."
         );
+        metrics::counter!("idempotent_replays_total").increment(0);
         let checks: Vec<Arc<dyn HealthCheck>> =
             vec![Arc::new(PostgresCheck(pools.background().clone())), Arc::new(RedisCheck(cache.redis().clone()))];
         let health = HealthRegistry::new(&settings.health, checks);

@@ -68,6 +68,10 @@ impl Authenticator {
                 Ok((caller, hash))
             })
             .collect::<Result<_, _>>()?;
+        // Every reason's counter exists from the start, at zero.
+        for reason in ["missing", "malformed", "unknown"] {
+            metrics::counter!("gateway_auth_failures_total", "reason" => reason).increment(0);
+        }
         Ok(Self { keys })
     }
 

@@ -192,6 +192,7 @@ impl RateLimiter {
             timeout: Duration::from_millis(settings.timeout_ms),
             retry_after_failure: Duration::from_millis(settings.retry_after_failure_ms),
             error_counter: "gateway_ratelimit_redis_errors_total",
+            operations: &["ratelimit"],
         })?;
         Ok(Self {
             buckets: Arc::new(SharedBuckets {
