@@ -61,7 +61,7 @@ ensure_redis() {
 # COMMAND is the executable it installs when not named after the package.
 ensure_python_tool() {
   local venv="$1" package="$2" version="$3" command="${4:-$2}"
-  if [ -x "$venv/bin/$command" ] && "$venv/bin/pip" show "$package" 2>/dev/null | grep -qx "Version: $version"; then
+  if [ -x "$venv/bin/$command" ] && "$venv/bin/pip" show "$package" 2>/dev/null | grep -x "Version: $version" >/dev/null; then
     return 0
   fi
   log "installing $package $version into $venv"
