@@ -192,16 +192,36 @@ pub async fn create_database_if_missing(settings: &DatabaseSettings) -> Result<(
 /// Applies the embedded migrations. Replicas starting together queue on a session advisory
 /// lock, so exactly one applies each migration and the others find nothing left to do.
 pub async fn migrate(settings: &DatabaseSettings) -> Result<usize, DbError> {
+    migrate_to(settings, refinery::Target::Latest).await
+}
+
+/// [`migrate`], up to `target` (a migration's data backfill is tested from the version before).
+pub async fn migrate_to(settings: &DatabaseSettings, target: refinery::Target) -> Result<usize, DbError> {
     let mut client = connect(&pg_config(settings)?).await?;
+    // A backfill of a large table may take longer than any request should.
+    client.batch_execute("SET statement_timeout = 0").await?;
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_ID]).await?;
-    let report = embedded::migrations::runner().run_async(&mut client).await;
+    let report = embedded::migrations::runner().set_target(target).run_async(&mut client).await;
     // Unlocking explicitly; closing the session would release it too.
     client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_ID]).await?;
-    let report = report.map_err(|e| DbError::Failed(format!("migration failed: {e}")))?;
+    let report = report.map_err(|e| DbError::Failed(format!("migration failed: {}", with_causes(&e))))?;
     for migration in report.applied_migrations() {
         tracing::info!(version = migration.version(), name = migration.name(), "applied migration");
     }
     Ok(report.applied_migrations().len())
+}
+
+/// An error and the errors under it: refinery's own message ends in "db error", and the
+/// reason is Postgres's message below it.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        message.push_str(": ");
+        message.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    message
 }
 
 /// Records how long one query (or transaction) took, by operation, when dropped.

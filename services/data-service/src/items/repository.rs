@@ -3,8 +3,8 @@
 
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
-use time::OffsetDateTime;
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::cursor::Cursor;
@@ -69,23 +69,36 @@ impl Repository {
     }
 
     /// Newest first, strictly after `cursor`; fetches one extra row to know whether another
-    /// page follows.
+    /// page follows. A tag's items are read from `item_tags`, whose key is in list order.
     pub async fn list(&self, limit: i64, cursor: Option<Cursor>, tag: Option<&str>) -> Result<Vec<Item>, DbError> {
         let _timer = QueryTimer::start("list_items");
         let client = self.pool.get().await?;
-        let (after_time, after_id): (Option<OffsetDateTime>, Option<Uuid>) =
-            cursor.map_or((None, None), |c| (Some(c.created_at), Some(c.id)));
-        // One statement for every combination keeps one prepared plan; the planner still
-        // uses the (created_at, id) index for the row comparison.
+        let limit = limit + 1;
+        // A statement per combination rather than one with `$n IS NULL OR ...`: a cached
+        // generic plan of that form turns the cursor into a filter, and every page would walk
+        // the index from the newest row.
+        let (from, created_at, id) = match tag {
+            None => ("items", "created_at", "id"),
+            Some(_) => ("item_tags JOIN items ON id = item_id", "item_created_at", "item_id"),
+        };
+        let mut parameters: Vec<&(dyn ToSql + Sync)> = vec![&limit];
+        let mut conditions = Vec::new();
+        if let Some(tag) = &tag {
+            parameters.push(tag);
+            conditions.push(format!("tag = ${}", parameters.len()));
+        }
+        if let Some(cursor) = &cursor {
+            parameters.push(&cursor.created_at);
+            parameters.push(&cursor.id);
+            conditions.push(format!("({created_at}, {id}) < (${}, ${})", parameters.len() - 1, parameters.len()));
+        }
+        let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
         let statement = client
             .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM items \
-                 WHERE ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
-                   AND ($4::text IS NULL OR tags @> ARRAY[$4::text]) \
-                 ORDER BY created_at DESC, id DESC LIMIT $1"
+                "SELECT {COLUMNS} FROM {from} {filter} ORDER BY {created_at} DESC, {id} DESC LIMIT $1"
             ))
             .await?;
-        let rows = client.query(&statement, &[&(limit + 1), &after_time, &after_id, &tag]).await?;
+        let rows = client.query(&statement, &parameters).await?;
         rows.iter().map(item_from_row).collect()
     }
 

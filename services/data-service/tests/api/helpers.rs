@@ -9,8 +9,9 @@ use observability::ServiceInfo;
 use observability::telemetry::{self, CapturedLogs};
 use secrecy::SecretString;
 use serde_json::{Value, json};
+pub use test_support::TestDatabase;
 pub use test_support::{Deadline, POSTGRES, TcpProxy, assert_problem, metric_sum};
-use test_support::{REDIS, RedisNamespace, TestDatabase};
+use test_support::{REDIS, RedisNamespace};
 
 pub static LOGS: LazyLock<CapturedLogs> = LazyLock::new(|| {
     let logs = CapturedLogs::default();
@@ -45,6 +46,12 @@ pub fn test_settings() -> Settings {
     settings
 }
 
+/// The database `settings` name, dropped (if it was created) when this is.
+pub fn database_of(settings: &Settings) -> TestDatabase {
+    let name = secrecy::ExposeSecret::expose_secret(&settings.database.url).rsplit('/').next().unwrap_or_default();
+    TestDatabase { name: name.to_owned() }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(test_settings()).await
 }
@@ -52,8 +59,7 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(settings: Settings) -> TestApp {
     LazyLock::force(&LOGS);
     // Whatever happens next, the database and the keys go when the app does.
-    let name = secrecy::ExposeSecret::expose_secret(&settings.database.url).rsplit('/').next().unwrap_or_default();
-    let database = TestDatabase { name: name.to_owned() };
+    let database = database_of(&settings);
     let cache = RedisNamespace { prefix: settings.cache.key_prefix.clone() };
     let application = Application::build(settings, service()).await.expect("application builds");
     let address = format!("http://127.0.0.1:{}", application.port());

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Deadline, LOGS, POSTGRES, TcpProxy, assert_problem, spawn_app_with, test_settings};
+use data_service::configuration::Settings;
+
+use crate::helpers::{Deadline, LOGS, TcpProxy, assert_problem, database_of, spawn_app_with, test_settings};
 
 #[tokio::test]
 async fn postgres_down_means_fast_503_problems_and_recovery_without_restart() {
@@ -45,23 +47,32 @@ async fn postgres_down_means_fast_503_problems_and_recovery_without_restart() {
 
 #[tokio::test]
 async fn replicas_migrating_at_once_apply_each_migration_once() {
-    let mut settings = test_settings();
-    settings.database.migrate_on_start = false;
-    let database = settings.database.clone();
-    data_service::db::create_database_if_missing(&database).await.unwrap();
-    let runs = (0..4).map(|_| data_service::db::migrate(&database));
+    let settings = test_settings();
+    let _database = database_of(&settings);
+    data_service::db::create_database_if_missing(&settings.database).await.unwrap();
+    let runs = (0..4).map(|_| data_service::db::migrate(&settings.database));
     let applied: Vec<usize> = futures_util::future::join_all(runs).await.into_iter().map(Result::unwrap).collect();
-    assert_eq!(applied.iter().sum::<usize>(), 2, "two migrations, applied once in all: {applied:?}");
+    assert_eq!(applied.iter().sum::<usize>(), 3, "three migrations, applied once in all: {applied:?}");
+    let versions: i64 =
+        connect(&settings).await.query_one("SELECT count(*) FROM refinery_schema_history", &[]).await.unwrap().get(0);
+    assert_eq!(versions, 3);
+}
 
-    let name = secrecy::ExposeSecret::expose_secret(&database.url).rsplit('/').next().unwrap().to_owned();
-    let (client, connection) =
-        tokio_postgres::connect(&format!("{POSTGRES}/{name}"), tokio_postgres::NoTls).await.unwrap();
+#[tokio::test]
+async fn a_failed_migration_names_postgres_reason() {
+    let settings = test_settings();
+    let _database = database_of(&settings);
+    data_service::db::create_database_if_missing(&settings.database).await.unwrap();
+    data_service::db::migrate_to(&settings.database, refinery::Target::Version(2)).await.unwrap();
+    connect(&settings).await.batch_execute("CREATE TABLE item_tags (tag text)").await.unwrap();
+    let error = data_service::db::migrate(&settings.database).await.unwrap_err().to_string();
+    assert!(error.contains("V3__index_items_by_tag"), "{error}");
+    assert!(error.contains("relation \"item_tags\" already exists"), "{error}");
+}
+
+async fn connect(settings: &Settings) -> tokio_postgres::Client {
+    let url = secrecy::ExposeSecret::expose_secret(&settings.database.url).to_owned();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
-    let versions: i64 = client.query_one("SELECT count(*) FROM refinery_schema_history", &[]).await.unwrap().get(0);
-    assert_eq!(versions, 2);
-    drop(client);
-    let (admin, connection) =
-        tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    admin.batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)")).await.unwrap();
+    client
 }
