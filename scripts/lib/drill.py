@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 import urllib.request
 import uuid
 
-from local_services import Postgres, Redis, free_port, wait_until
+from local_services import Postgres, Redis, free_port, tear_down, wait_until
 
 API_KEY = "drill-key-" + uuid.uuid4().hex
 CLIENTS = 8
@@ -313,13 +312,7 @@ def main():
             if service.process and service.process.poll() is None:
                 service.process.kill()
                 service.process.wait()
-        redis.stop()
-        try:
-            postgres.stop()
-        except subprocess.CalledProcessError:
-            pass
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        tear_down(postgres, redis, work, keep=args.keep)
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     with open(args.report, "w") as file:
         json.dump(report, file, indent=2)

@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import urllib.request
 
 import yaml
 
-from local_services import Postgres, Redis, free_port, wait_until
+from local_services import Postgres, Redis, free_port, tear_down, wait_until
 
 urllib.request.install_opener(urllib.request.build_opener(urllib.request.ProxyHandler({})))
 DEV_API_KEY = "stackline-dev-key"
@@ -249,12 +248,7 @@ def main():
     finally:
         for pod in pods:
             pod.remove()
-        redis.stop()
-        try:
-            postgres.stop()
-        except subprocess.CalledProcessError:
-            pass
-        shutil.rmtree(work, ignore_errors=True)
+        tear_down(postgres, redis, work)
 
 
 if __name__ == "__main__":

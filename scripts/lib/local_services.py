@@ -87,3 +87,15 @@ class Redis:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait()
+
+
+def tear_down(postgres, redis, work, keep=False):
+    """Stops the Redis and Postgres of a run (Postgres may be stopped already) and removes
+    its work directory unless `keep`."""
+    redis.stop()
+    try:
+        postgres.stop()
+    except subprocess.CalledProcessError:
+        pass
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)

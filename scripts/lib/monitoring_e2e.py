@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import urllib.request
 
 import yaml
 
-from local_services import Postgres, Redis, free_port, wait_until
+from local_services import Postgres, Redis, free_port, tear_down, wait_until
 
 urllib.request.install_opener(urllib.request.build_opener(urllib.request.ProxyHandler({})))
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -247,12 +246,7 @@ def main():
                 process.stop(signal.SIGKILL)
             except subprocess.TimeoutExpired:
                 pass
-        redis.stop()
-        try:
-            postgres.stop()
-        except subprocess.CalledProcessError:
-            pass
-        shutil.rmtree(work, ignore_errors=True)
+        tear_down(postgres, redis, work)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,16 @@ async fn every_page(app: &TestApp, query: &str, limit: usize) -> Vec<(String, St
     panic!("more than 100 pages of {query}");
 }
 
+/// `seen` holds `count` items, none twice, newest first and then by id descending (the
+/// same instant is the same string, so the pairs sort as the list does).
+fn assert_each_once_newest_first(seen: &[(String, String)], count: usize) {
+    assert_eq!(seen.len(), count, "every item exactly once: {seen:?}");
+    assert_eq!(seen.iter().map(|(_, id)| id).collect::<HashSet<_>>().len(), count, "no repeats");
+    let mut expected = seen.to_vec();
+    expected.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, expected, "newest first, then id descending");
+}
+
 #[tokio::test]
 async fn a_tag_pages_through_its_items_only_newest_first_with_ties() {
     let app = spawn_app().await;
@@ -105,12 +115,7 @@ async fn a_tag_pages_through_its_items_only_newest_first_with_ties() {
         )
         .await
         .unwrap();
-    let seen = every_page(&app, "?tag=wanted", 3).await;
-    assert_eq!(seen.len(), 17, "every tagged item exactly once: {seen:?}");
-    assert_eq!(seen.iter().map(|(_, id)| id).collect::<HashSet<_>>().len(), 17, "no repeats");
-    let mut expected = seen.clone();
-    expected.sort_by(|a, b| b.cmp(a));
-    assert_eq!(seen, expected, "newest first, then id descending");
+    assert_each_once_newest_first(&every_page(&app, "?tag=wanted", 3).await, 17);
     assert_eq!(every_page(&app, "?tag=x", 7).await.len(), 28);
     assert_eq!(every_page(&app, "", 50).await.len(), 47);
 }
@@ -179,11 +184,5 @@ async fn pages_neither_repeat_nor_drop_items_with_equal_created_at() {
     )
     .await
     .unwrap();
-    let seen = every_page(&app, "", 4).await;
-    assert_eq!(seen.len(), 22, "every item exactly once");
-    assert_eq!(seen.iter().map(|(_, id)| id).collect::<HashSet<_>>().len(), 22, "no repeats");
-    let mut expected = seen.clone();
-    expected.sort_by(|a, b| b.cmp(a));
-    // Same instant strings compare equal, so this checks newest first, then id descending.
-    assert_eq!(seen, expected);
+    assert_each_once_newest_first(&every_page(&app, "", 4).await, 22);
 }
