@@ -9,6 +9,7 @@ use observability::middleware::record_client;
 use problem::Problem;
 
 use super::Gateway;
+use super::failure::body_too_large;
 use super::headers::rate_limit_header_values;
 use crate::auth::Caller;
 use crate::ratelimit::Decision;
@@ -42,10 +43,7 @@ pub async fn admit<'g>(gateway: &'g Gateway, req: &HttpRequest) -> Result<Admitt
 /// gateway scopes it to the client).
 fn refusal(headers: &HeaderMap, body_limit: u64) -> Option<Problem> {
     if declared_length(headers).is_some_and(|length| length > body_limit) {
-        return Some(Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request bodies are limited to {body_limit} bytes"),
-        ));
+        return Some(body_too_large(body_limit));
     }
     let mut keys = headers.get_all(idempotency_key::HEADER);
     if let Some(key) = keys.next()

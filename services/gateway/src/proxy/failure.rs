@@ -95,9 +95,7 @@ impl Failure {
     /// What the client is told. Causes (addresses, errors) are for the log, not the client.
     pub fn problem(&self, upstream: &str) -> Problem {
         match self {
-            Failure::BodyTooLarge { limit } => {
-                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request bodies are limited to {limit} bytes"))
-            }
+            Failure::BodyTooLarge { limit } => body_too_large(*limit),
             Failure::BodyIncomplete => {
                 Problem::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time")
             }
@@ -128,6 +126,12 @@ impl Failure {
             _ => None,
         }
     }
+}
+
+/// The 413 for a body over `limit`, whether it declared its length or was cut off while it
+/// streamed.
+pub fn body_too_large(limit: u64) -> Problem {
+    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request bodies are limited to {limit} bytes"))
 }
 
 #[cfg(test)]

@@ -224,7 +224,9 @@ pub async fn forward(
             Err(SendFailure::NotSent { cause, request }) => {
                 upstream.endpoints.record(&endpoint, Outcome::ConnectFailed, elapsed);
                 outgoing.give_back(request.into_body());
-                (Err(Failure::NotSent(cause)), Some(RetryReason::NotSent))
+                let failure = Failure::NotSent(cause);
+                let retry = failure.retry_reason(outgoing.repeatable());
+                (Err(failure), retry)
             }
             Err(SendFailure::ConnectionLost(cause)) => {
                 upstream.endpoints.record(&endpoint, Outcome::ConnectionLost, elapsed);

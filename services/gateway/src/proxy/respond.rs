@@ -56,11 +56,11 @@ pub async fn respond(
 pub fn failed(failure: Failure, route: &Route, decision: &Decision, started: Instant) -> HttpResponse {
     let upstream = &route.upstream;
     let elapsed = (!matches!(failure, Failure::Shed { .. })).then(|| started.elapsed());
-    upstream.count(failure.outcome(), elapsed);
+    let outcome = failure.outcome();
+    upstream.count(outcome, elapsed);
     if failure.is_unreachable() {
         upstream.record_unreachable();
     }
-    let outcome = failure.outcome();
     match failure.source() {
         ErrorSource::Downstream => {
             tracing::info!(upstream = %upstream.name, outcome, cause = failure.cause(), "request refused: the client's body");

@@ -169,8 +169,7 @@ impl Endpoints {
             return set.first().cloned();
         }
         let now_ms = self.now_ms();
-        let in_rotation = set.iter().filter(|e| e.in_rotation(now_ms)).count();
-        let panic = in_rotation * 100 < self.panic_threshold_percent * set.len() || in_rotation == 0;
+        let panic = self.panics(count_in_rotation(&set, now_ms), set.len());
         let eligible = |e: &Endpoint| panic || e.in_rotation(now_ms);
         let untried = |e: &Endpoint| eligible(e) && !tried.contains(&e.address);
         let chosen = if tried.is_empty() { pick_less_busy(&set, eligible) } else { pick_less_busy(&set, untried) };
@@ -180,9 +179,18 @@ impl Endpoints {
     /// Whether requests go to every endpoint because too few are in rotation.
     pub fn in_panic(&self) -> bool {
         let set = self.current.load();
-        let now_ms = self.now_ms();
-        let in_rotation = set.iter().filter(|e| e.in_rotation(now_ms)).count();
-        !set.is_empty() && (in_rotation * 100 < self.panic_threshold_percent * set.len() || in_rotation == 0)
+        !set.is_empty() && self.panics(count_in_rotation(&set, self.now_ms()), set.len())
+    }
+
+    /// How many endpoints are in rotation now, of how many.
+    pub fn rotation(&self) -> (usize, usize) {
+        let set = self.current.load();
+        (count_in_rotation(&set, self.now_ms()), set.len())
+    }
+
+    /// Whether `in_rotation` of `total` endpoints is below the panic threshold (or none).
+    fn panics(&self, in_rotation: usize, total: usize) -> bool {
+        in_rotation * 100 < self.panic_threshold_percent * total || in_rotation == 0
     }
 
     /// Whether every endpoint is out of rotation or failed its last attempt.
@@ -264,6 +272,10 @@ impl Endpoints {
         }
         changes
     }
+}
+
+fn count_in_rotation(set: &[Arc<Endpoint>], now_ms: u64) -> usize {
+    set.iter().filter(|e| e.in_rotation(now_ms)).count()
 }
 
 /// Power of two choices among the endpoints `eligible` admits.

@@ -44,6 +44,15 @@ pub enum RetryReason {
     Unavailable,
 }
 
+// Checked when compiling: each reason's index is its position in `ALL`.
+const _: () = {
+    let mut index = 0;
+    while index < RetryReason::ALL.len() {
+        assert!(RetryReason::ALL[index] as usize == index);
+        index += 1;
+    }
+};
+
 impl RetryReason {
     const ALL: [RetryReason; 3] = [RetryReason::NotSent, RetryReason::ConnectionLost, RetryReason::Unavailable];
 
@@ -218,7 +227,7 @@ impl Upstream {
     pub fn withdraw_retry(&self, reason: RetryReason) -> bool {
         let allowed = self.retry_budget.withdraw();
         if allowed {
-            self.retries[RetryReason::ALL.iter().position(|r| *r == reason).unwrap_or(0)].increment(1);
+            self.retries[reason as usize].increment(1);
         }
         allowed
     }
@@ -226,13 +235,11 @@ impl Upstream {
     /// Sets the gauges that describe the upstream now; run before every scrape.
     pub fn publish_gauges(&self) {
         let name = self.name.clone();
-        let endpoints = self.endpoints.snapshot();
-        let now_ms = self.endpoints.now_ms();
-        let in_rotation = endpoints.iter().filter(|e| e.in_rotation(now_ms)).count();
+        let (in_rotation, total) = self.endpoints.rotation();
         metrics::gauge!("gateway_upstream_endpoints", "upstream" => name.clone(), "state" => "in_rotation")
             .set(in_rotation as f64);
         metrics::gauge!("gateway_upstream_endpoints", "upstream" => name.clone(), "state" => "out_of_rotation")
-            .set((endpoints.len() - in_rotation) as f64);
+            .set((total - in_rotation) as f64);
         metrics::gauge!("gateway_upstream_panic", "upstream" => name.clone()).set(if self.endpoints.in_panic() {
             1.0
         } else {
@@ -240,7 +247,8 @@ impl Upstream {
         });
         metrics::gauge!("gateway_retry_budget_available", "upstream" => name.clone())
             .set(self.retry_budget.available() as f64);
-        for endpoint in endpoints.iter() {
+        let now_ms = self.endpoints.now_ms();
+        for endpoint in self.endpoints.snapshot().iter() {
             let label = endpoint.address.to_string();
             metrics::gauge!("gateway_endpoint_in_rotation", "upstream" => name.clone(), "endpoint" => label.clone())
                 .set(if endpoint.in_rotation(now_ms) { 1.0 } else { 0.0 });
@@ -253,10 +261,8 @@ impl Upstream {
 
     /// For the gateway's readiness report: how many endpoints are in rotation.
     pub fn rotation_report(&self) -> Result<String, String> {
-        let endpoints = self.endpoints.snapshot();
-        let now_ms = self.endpoints.now_ms();
-        let in_rotation = endpoints.iter().filter(|e| e.in_rotation(now_ms)).count();
-        let report = format!("{}: {in_rotation} of {} endpoints in rotation", self.name, endpoints.len());
+        let (in_rotation, total) = self.endpoints.rotation();
+        let report = format!("{}: {in_rotation} of {total} endpoints in rotation", self.name);
         if in_rotation == 0 { Err(report) } else { Ok(report) }
     }
 }
