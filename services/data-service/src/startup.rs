@@ -73,7 +73,7 @@ impl Application {
         let health = HealthRegistry::new(&settings.health, checks);
 
         let background = background_work(
-            &Repository::new(pools.background().clone()),
+            Repository::new(pools.background().clone()),
             &cache,
             settings.idempotency.purge_interval_secs,
         );
@@ -120,7 +120,7 @@ impl Application {
 /// Retries cache updates that failed (and once more at shutdown, so that a restart leaves
 /// no replica serving an entry older than a write it acknowledged), and purges expired
 /// idempotency records.
-fn background_work(repository: &Repository, cache: &Cache, purge_interval_secs: u64) -> BackgroundTasks {
+fn background_work(repository: Repository, cache: &Cache, purge_interval_secs: u64) -> BackgroundTasks {
     let mut background = BackgroundTasks::new();
     let (retrying, period) = (cache.clone(), cache.retry_interval());
     background.every_and_at_stop(
@@ -131,7 +131,6 @@ fn background_work(repository: &Repository, cache: &Cache, purge_interval_secs: 
             async move { retrying.retry_pending().await }
         },
     );
-    let repository = repository.clone();
     background.every(
         "purge-idempotency-keys",
         move || Duration::from_secs(purge_interval_secs.max(1)),

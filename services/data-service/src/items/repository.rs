@@ -11,7 +11,43 @@ use super::cursor::Cursor;
 use super::model::{Item, ItemPatch, NewItem};
 use crate::db::{DbError, QueryTimer};
 
-const COLUMNS: &str = "id, name, description, tags, attributes, version, created_at, updated_at";
+/// An item's columns, in [`item_from_row`]'s order. Macros, so that every statement is one
+/// string made at compile time rather than formatted on each query.
+macro_rules! columns {
+    () => {
+        "id, name, description, tags, attributes, version, created_at, updated_at"
+    };
+}
+
+macro_rules! select_items {
+    ($($rest:literal),+) => {
+        concat!("SELECT ", columns!(), " ", $($rest),+)
+    };
+}
+
+const SELECT_BY_ID: &str = select_items!("FROM items WHERE id = $1");
+
+/// The statement for a page with or without a tag and a cursor: one per combination rather
+/// than one with `$n IS NULL OR ...`, whose cached generic plan turns the cursor into a
+/// filter, so that every page would walk the index from the newest row. A tag's items are
+/// read from `item_tags`, whose key is in list order. Parameters: the limit, then the tag,
+/// then the cursor's two halves.
+fn list_statement(tag: bool, cursor: bool) -> &'static str {
+    match (tag, cursor) {
+        (false, false) => select_items!("FROM items ORDER BY created_at DESC, id DESC LIMIT $1"),
+        (false, true) => {
+            select_items!("FROM items WHERE (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $1")
+        }
+        (true, false) => select_items!(
+            "FROM item_tags JOIN items ON id = item_id WHERE tag = $2 ",
+            "ORDER BY item_created_at DESC, item_id DESC LIMIT $1"
+        ),
+        (true, true) => select_items!(
+            "FROM item_tags JOIN items ON id = item_id WHERE tag = $2 AND (item_created_at, item_id) < ($3, $4) ",
+            "ORDER BY item_created_at DESC, item_id DESC LIMIT $1"
+        ),
+    }
+}
 
 /// Decodes a row; a value that cannot be decoded is an error, never a panic.
 fn item_from_row(row: &Row) -> Result<Item, DbError> {
@@ -64,40 +100,25 @@ impl Repository {
     pub async fn get(&self, id: Uuid) -> Result<Option<Item>, DbError> {
         let _timer = QueryTimer::start("get_item");
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(&format!("SELECT {COLUMNS} FROM items WHERE id = $1")).await?;
+        let statement = client.prepare_cached(SELECT_BY_ID).await?;
         client.query_opt(&statement, &[&id]).await?.as_ref().map(item_from_row).transpose()
     }
 
     /// Newest first, strictly after `cursor`; fetches one extra row to know whether another
-    /// page follows. A tag's items are read from `item_tags`, whose key is in list order.
+    /// page follows.
     pub async fn list(&self, limit: i64, cursor: Option<Cursor>, tag: Option<&str>) -> Result<Vec<Item>, DbError> {
         let _timer = QueryTimer::start("list_items");
         let client = self.pool.get().await?;
         let limit = limit + 1;
-        // A statement per combination rather than one with `$n IS NULL OR ...`: a cached
-        // generic plan of that form turns the cursor into a filter, and every page would walk
-        // the index from the newest row.
-        let (from, created_at, id) = match tag {
-            None => ("items", "created_at", "id"),
-            Some(_) => ("item_tags JOIN items ON id = item_id", "item_created_at", "item_id"),
-        };
         let mut parameters: Vec<&(dyn ToSql + Sync)> = vec![&limit];
-        let mut conditions = Vec::new();
         if let Some(tag) = &tag {
             parameters.push(tag);
-            conditions.push(format!("tag = ${}", parameters.len()));
         }
         if let Some(cursor) = &cursor {
             parameters.push(&cursor.created_at);
             parameters.push(&cursor.id);
-            conditions.push(format!("({created_at}, {id}) < (${}, ${})", parameters.len() - 1, parameters.len()));
         }
-        let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
-        let statement = client
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM {from} {filter} ORDER BY {created_at} DESC, {id} DESC LIMIT $1"
-            ))
-            .await?;
+        let statement = client.prepare_cached(list_statement(tag.is_some(), cursor.is_some())).await?;
         let rows = client.query(&statement, &parameters).await?;
         rows.iter().map(item_from_row).collect()
     }
@@ -172,14 +193,15 @@ impl Repository {
         let _timer = QueryTimer::start("patch_item");
         let client = self.pool.get().await?;
         let statement = client
-            .prepare_cached(&format!(
+            .prepare_cached(concat!(
                 "UPDATE items SET name = COALESCE($2, name), description = COALESCE($3, description), \
                    tags = COALESCE($4, tags), attributes = COALESCE($5, attributes), \
                    version = version + 1, updated_at = now() \
                  WHERE id = $1 AND ($6::int4[] IS NULL OR version = ANY($6)) \
                    AND (name, description, tags, attributes) IS DISTINCT FROM \
                        (COALESCE($2, name), COALESCE($3, description), COALESCE($4, tags), COALESCE($5, attributes)) \
-                 RETURNING {COLUMNS}"
+                 RETURNING ",
+                columns!()
             ))
             .await?;
         let attributes: Option<&Value> = patch.attributes.as_ref();
@@ -191,7 +213,7 @@ impl Repository {
         }
         // Not changed: the item is missing, the precondition failed, or there was nothing
         // to change.
-        let statement = client.prepare_cached(&format!("SELECT {COLUMNS} FROM items WHERE id = $1")).await?;
+        let statement = client.prepare_cached(SELECT_BY_ID).await?;
         Ok(match client.query_opt(&statement, &[&id]).await? {
             None => Written::NotFound,
             Some(row) => {
@@ -234,8 +256,9 @@ impl Repository {
 
 async fn insert(client: &impl GenericClient, item: &NewItem) -> Result<Item, DbError> {
     let statement = client
-        .prepare_cached(&format!(
-            "INSERT INTO items (id, name, description, tags, attributes) VALUES ($1, $2, $3, $4, $5) RETURNING {COLUMNS}"
+        .prepare_cached(concat!(
+            "INSERT INTO items (id, name, description, tags, attributes) VALUES ($1, $2, $3, $4, $5) RETURNING ",
+            columns!()
         ))
         .await?;
     let row = client
