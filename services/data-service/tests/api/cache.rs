@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use data_service::cache::{Cache, Lookup};
 use serde_json::{Value, json};
 
-use crate::helpers::{Deadline, TestApp, metric_sum, spawn_app, spawn_app_with, test_settings};
+use crate::helpers::{Deadline, TestApp, free_port, metric_sum, spawn_app, spawn_app_with, test_settings};
 
 fn redis_get(port: u16, key: &str) -> String {
     let output = Command::new("redis-cli")
@@ -107,10 +107,6 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test]

@@ -9,9 +9,8 @@ use observability::ServiceInfo;
 use observability::telemetry::{self, CapturedLogs};
 use secrecy::SecretString;
 use serde_json::{Value, json};
-pub use test_support::TestDatabase;
-pub use test_support::{Deadline, POSTGRES, TcpProxy, assert_problem, metric_sum};
-use test_support::{REDIS, RedisNamespace};
+pub use test_support::{Deadline, TcpProxy, assert_problem, free_port, metric_sum};
+use test_support::{POSTGRES, REDIS, RedisNamespace, TestDatabase};
 
 pub static LOGS: LazyLock<CapturedLogs> = LazyLock::new(|| {
     let logs = CapturedLogs::default();
