@@ -193,7 +193,7 @@ def check_configuration(reference):
                 problems.append(f"configuration.md {title}: {written} is documented as {kind}, but is {type_of(value)}")
             if default.strip("`") != rendered(value):
                 problems.append(f"configuration.md {title}: {written} default {default} differs from {rendered(value)!r}")
-            wanted = variable_of(written).replace("<NAME>", "<NAME>")
+            wanted = variable_of(written)
             if wanted not in variable:
                 problems.append(f"configuration.md {title}: {written}: the variable is {wanted}, not {variable}")
             if (secret == "yes") != (written in secret_keys):
